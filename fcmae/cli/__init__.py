@@ -1,0 +1,20 @@
+"""Command-line entry points: argument parsing only; the work lives in the package."""
+import sys
+from typing import Callable, NoReturn
+
+
+def run_or_exit(prog: str, job: Callable[[], object], user_errors: tuple[type[BaseException], ...]) -> object:
+    """Run ``job``; a user error becomes one line on stderr and exit code 2."""
+    try:
+        return job()
+    except user_errors as error:
+        _fail(prog, error)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _fail(prog: str, error: BaseException) -> NoReturn:
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)

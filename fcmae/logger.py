@@ -1,0 +1,75 @@
+"""What the user sees: TensorBoard scalars and reconstruction grids, a JSONL log, tqdm."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .fcmae import patchify, unpatchify
+
+
+class RunLogger:
+    """Rank-0 logger writing ``log.jsonl`` and TensorBoard events to ``log_dir``.
+
+    On other ranks every method is a no-op, so callers need no rank checks.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike | None, enabled: bool = True) -> None:
+        self.enabled = enabled and log_dir is not None
+        self.writer = None
+        self.jsonl = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.jsonl = open(Path(log_dir) / "log.jsonl", "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any], step: int, prefix: str = "train") -> None:
+        """Append ``record`` as one JSON line and each numeric value as a scalar."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def log_image(self, tag: str, image: Tensor, step: int) -> None:
+        if self.enabled:
+            self.writer.add_image(tag, image, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def reconstruction_grid(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int,
+                        norm_pix_loss: bool, max_images: int = 8) -> Tensor:
+    """A (3, H', W') grid: rows = input, masked input, reconstruction, reconstruction pasted
+    onto the visible patches. imgs (B, 3, H, W) normalized; pred (B, L, p·p·3); mask (B, L).
+
+    With ``norm_pix_loss`` the prediction lives in per-patch normalized space and is mapped
+    back with each patch's true mean and std (as in the MAE visualisations).
+    """
+    imgs, pred, mask = imgs[:max_images].float(), pred[:max_images].float(), mask[:max_images].float()
+    grid = (imgs.shape[2] // patch_size, imgs.shape[3] // patch_size)
+    if norm_pix_loss:
+        target = patchify(imgs, patch_size)
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        pred = pred * std + mean
+    recon = unpatchify(pred, patch_size, grid)
+    removed = unpatchify(mask[..., None].expand(-1, -1, pred.shape[-1]), patch_size, grid)
+    masked_input = imgs * (1 - removed)
+    pasted = imgs * (1 - removed) + recon * removed
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+    rows = [(row * std + mean).clamp(0, 1) for row in (imgs, masked_input, recon, pasted)]
+    return make_grid(torch.cat(rows), nrow=imgs.shape[0], padding=2).cpu()

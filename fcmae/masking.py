@@ -1,0 +1,42 @@
+"""Random patch masks for FCMAE. Convention (official): mask == 1 marks a *removed* patch."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_mask_ratio(mask_ratio: float) -> float:
+    """Return ``mask_ratio`` if it lies in [0, 1), else raise a ``ValueError``."""
+    if not 0.0 <= float(mask_ratio) < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    return float(mask_ratio)
+
+
+def patch_grid(image_size: tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """(h, w) patches of an image of (H, W) pixels; both sides must be multiples of patch_size."""
+    height, width = image_size
+    if height % patch_size or width % patch_size or height == 0 or width == 0:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size "
+                         f"{patch_size}; resize or crop to e.g. {max(patch_size, height // patch_size * patch_size)}")
+    return height // patch_size, width // patch_size
+
+
+def random_masks(batch_size: int, num_patches: int, mask_ratio: float,
+                 device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """(B, L) float masks, 1 = removed. Each row keeps ``int(L * (1 - mask_ratio))`` patches,
+    chosen uniformly at random (argsort of Gaussian noise, as in the official code)."""
+    check_mask_ratio(mask_ratio)
+    num_keep = int(num_patches * (1 - mask_ratio))
+    noise = torch.randn(batch_size, num_patches, device=device, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(batch_size, num_patches, device=device)
+    mask[:, :num_keep] = 0
+    return torch.gather(mask, 1, ids_restore)
+
+
+def upsample_mask(mask: Tensor, grid: tuple[int, int], scale: int) -> Tensor:
+    """(B, h·w) patch mask → (B, h·scale, w·scale) mask at a finer feature resolution."""
+    patches = mask.reshape(mask.shape[0], *grid)
+    return patches.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)

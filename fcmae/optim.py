@@ -1,0 +1,40 @@
+"""Optimizer parameter groups and the learning-rate schedule (official FCMAE recipe)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norm weights, biases, GRN parameters and the mask token are not decayed."""
+    return (param.ndim <= 1 or name.endswith(".bias") or ".grn." in name
+            or name.endswith("mask_token") or ".ln." in name)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights and everything :func:`no_weight_decay` exempts."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if no_weight_decay(name, param) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_lr(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Linear warmup from 0 to ``base_lr`` over ``warmup_epochs``, then half-cosine to ``min_lr``.
+
+    ``epoch`` is fractional (step / steps_per_epoch), so the lr changes every step.
+    """
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr (times its ``lr_scale``, e.g. from layer-wise decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

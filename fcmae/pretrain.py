@@ -1,0 +1,162 @@
+"""FCMAE pretraining: builds data, model, optimizer; runs epochs; checkpoints and resumes."""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import checkpoint as ckpt
+from . import create_fcmae, distributed
+from .data import DataError, build_pretrain_dataset
+from .engine import ScheduleConfig, make_scaler, train_one_epoch, unwrap
+from .logger import RunLogger, reconstruction_grid
+from .masking import check_mask_ratio, patch_grid
+from .optim import param_groups
+
+# Official FCMAE recipe (ConvNeXt-V2 pretraining) and the short built-in demo run.
+OFFICIAL_RECIPE = dict(epochs=800, batch_size=64, blr=1.5e-4, warmup_epochs=40)
+DEMO_RECIPE = dict(epochs=30, batch_size=16, blr=1.6e-2, warmup_epochs=3)
+
+
+def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset --epochs/--batch-size/--blr/--warmup-epochs from the matching recipe."""
+    recipe = DEMO_RECIPE if args.data_path is None else OFFICIAL_RECIPE
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def validate(args: argparse.Namespace) -> None:
+    check_mask_ratio(args.mask_ratio)
+    patch_grid((args.input_size, args.input_size), 32)
+    for name in ("epochs", "batch_size", "accum_iter"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def run_pretraining(args: argparse.Namespace) -> Path:
+    """Pretrain as ``args`` says; returns the path of the last checkpoint."""
+    resolve_recipe(args)
+    validate(args)
+    rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
+    device = torch.device(args.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+    seed_everything(args.seed + rank)
+    main = distributed.is_main_process()
+    output_dir = Path(args.output_dir)
+    log_dir = Path(args.log_dir) if args.log_dir else output_dir
+
+    dataset = build_pretrain_dataset(args.data_path, args.input_size)
+    if len(dataset) < args.batch_size * world_size:
+        raise DataError(f"dataset has {len(dataset)} images, fewer than one batch "
+                        f"({args.batch_size} x {world_size} processes); lower --batch-size")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+
+    model = create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
+                         decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss,
+                         backend=args.backend).to(device)
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    scaler = make_scaler(args.amp, device)
+
+    start_epoch, step = 0, 0
+    resume_path = ckpt.find_resume(args.resume, output_dir)
+    if resume_path is not None:
+        start_epoch, step = resume(resume_path, model, optimizer, scaler, args.model, rank, world_size)
+        if main:
+            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
+
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    logger = RunLogger(log_dir, enabled=main)
+    if main:
+        print(f"fcmae-pretrain: {args.model} on {len(dataset)} images "
+              f"({'built-in demo photos' if args.data_path is None else args.data_path}), "
+              f"{world_size} process(es) on {device}, backend {args.backend}, "
+              f"eff. batch {eff_batch}, lr {args.lr:.3g}, {args.epochs} epochs")
+    config = ScheduleConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+                            epochs=args.epochs, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
+                            amp=args.amp, steps_per_epoch=args.steps_per_epoch)
+
+    def log_reconstructions(global_step: int, imgs: torch.Tensor, outputs) -> None:
+        if main and args.vis_every and global_step % args.vis_every == 0:
+            pred, mask = outputs
+            grid = reconstruction_grid(imgs.detach(), pred.detach(), mask, model.patch_size,
+                                       args.norm_pix_loss)
+            logger.log_image("reconstruction", grid, global_step)
+
+    last = output_dir / ckpt.LAST
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            stats, step = train_one_epoch(train_model, loader, optimizer, scaler, _fcmae_loss, config,
+                                          epoch, step, device, logger, log_reconstructions)
+            rng = distributed.all_gather_object(ckpt.capture_rng_state())
+            if main:
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                         "args": _plain_args(args), "model_name": args.model, "rng": rng,
+                         "format": ckpt.FORMAT}
+                ckpt.atomic_save(state, last)
+                if args.save_every and (epoch + 1) % args.save_every == 0:
+                    ckpt.atomic_save(state, output_dir / f"checkpoint-{epoch}.pth")
+                logger.log({"epoch": epoch, "epoch_loss": stats["loss"],
+                            "skipped_images": dataset.num_skipped}, step, prefix="epoch")
+                skipped = f", skipped {dataset.num_skipped} unreadable images" if dataset.num_skipped else ""
+                print(f"epoch {epoch}: loss {stats['loss']:.4f}{skipped}", file=sys.stderr)
+            distributed.barrier()
+    finally:
+        logger.close()
+    return last
+
+
+def _fcmae_loss(model, imgs):
+    loss, pred, mask = model(imgs)
+    return loss, (pred, mask)
+
+
+def _plain_args(args: argparse.Namespace) -> dict:
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+
+
+def resume(path: Path, model, optimizer, scaler, model_name: str, rank: int,
+           world_size: int) -> tuple[int, int]:
+    """Load everything needed to continue exactly; returns (next epoch, global step)."""
+    checkpoint = ckpt.load_checkpoint(path)
+    state = ckpt.state_dict_of(checkpoint)
+    ckpt.check_compatible(unwrap(model), state, model_name, checkpoint.get("model_name"), path)
+    unwrap(model).load_state_dict(state)
+    if "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if "scaler" in checkpoint and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint.get("rng")
+    if rng and len(rng) == world_size:
+        ckpt.restore_rng_state(rng[rank])
+    elif rng:
+        print(f"warning: checkpoint has RNG states for {len(rng)} processes, this run has "
+              f"{world_size}; continuing with fresh random streams", file=sys.stderr)
+    return int(checkpoint.get("epoch", -1)) + 1, int(checkpoint.get("step", 0))

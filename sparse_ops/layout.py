@@ -1,0 +1,43 @@
+"""Kernel layouts: the sparse (MinkowskiEngine / official FCMAE) layout ↔ dense ``nn.Conv2d``.
+
+Sparse kernels keep one row per kernel offset. Row ``r`` holds the offset
+``(dy, dx)`` with ``r = dx * k + dy``: the first spatial coordinate (rows, y) varies fastest.
+This is the order MinkowskiEngine 0.5.4 uses for 2-D kernels and the one the official
+ConvNeXt-V2 sparse→dense conversion assumes.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+
+def _side(kernel_volume: int) -> int:
+    side = math.isqrt(kernel_volume)
+    if side * side != kernel_volume:
+        raise ValueError(f"kernel volume {kernel_volume} is not a square k*k")
+    return side
+
+
+def depthwise_kernel_to_weight(kernel: Tensor) -> Tensor:
+    """(k·k, C) sparse depthwise kernel → (C, 1, k, k) ``Conv2d(groups=C)`` weight."""
+    side = _side(kernel.shape[0])
+    return kernel.t().reshape(kernel.shape[1], 1, side, side).transpose(2, 3)
+
+
+def depthwise_weight_to_kernel(weight: Tensor) -> Tensor:
+    """(C, 1, k, k) ``Conv2d(groups=C)`` weight → (k·k, C) sparse depthwise kernel."""
+    channels, _, side, _ = weight.shape
+    return weight.transpose(2, 3).reshape(channels, side * side).t()
+
+
+def conv_kernel_to_weight(kernel: Tensor) -> Tensor:
+    """(k·k, C_in, C_out) sparse kernel → (C_out, C_in, k, k) ``Conv2d`` weight."""
+    side = _side(kernel.shape[0])
+    return kernel.permute(2, 1, 0).reshape(kernel.shape[2], kernel.shape[1], side, side).transpose(2, 3)
+
+
+def conv_weight_to_kernel(weight: Tensor) -> Tensor:
+    """(C_out, C_in, k, k) ``Conv2d`` weight → (k·k, C_in, C_out) sparse kernel."""
+    out_channels, in_channels, side, _ = weight.shape
+    return weight.transpose(2, 3).reshape(out_channels, in_channels, side * side).permute(2, 1, 0)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+import fcmae
+from fcmae.fcmae import patchify, unpatchify
+from fcmae.masking import random_masks
+
+from .helpers import randomize_
+
+
+@pytest.mark.parametrize("num_patches,mask_ratio", [(49, 0.6), (49, 0.0), (16, 0.75), (9, 0.99)])
+def test_random_masks_keep_int_l_times_one_minus_ratio(num_patches, mask_ratio):
+    mask = random_masks(8, num_patches, mask_ratio)
+    assert mask.shape == (8, num_patches)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    kept = int(num_patches * (1 - mask_ratio))
+    assert (mask.shape[1] - mask.sum(1)).eq(kept).all()
+    assert not torch.equal(mask[0], mask[1]) or kept in (0, num_patches)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_bad_mask_ratio_is_a_clear_error(ratio):
+    with pytest.raises(ValueError, match=r"mask ratio must be in \[0, 1\)"):
+        fcmae.create_fcmae("convnextv2_atto", mask_ratio=ratio)
+    model = fcmae.create_fcmae("convnextv2_atto")
+    with pytest.raises(ValueError, match=r"mask ratio must be in \[0, 1\)"):
+        model(torch.zeros(1, 3, 64, 64), mask_ratio=ratio)
+
+
+def test_image_side_not_multiple_of_32_is_a_clear_error():
+    model = fcmae.create_fcmae("convnextv2_atto")
+    with pytest.raises(ValueError, match="not a multiple of the patch size 32"):
+        model(torch.zeros(1, 3, 100, 64))
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown sparse backend 'cuda_magic'"):
+        fcmae.create_fcmae("convnextv2_atto", backend="cuda_magic")
+
+
+def test_patchify_round_trip_and_order():
+    imgs = torch.randn(2, 3, 64, 96)
+    patches = patchify(imgs, 32)
+    assert patches.shape == (2, 6, 32 * 32 * 3)
+    # patch 1 is the second patch of the first row; its first entry is pixel (0, 32) channel 0..2
+    assert torch.equal(patches[0, 1, :3], imgs[0, :, 0, 32])
+    assert torch.equal(unpatchify(patches, 32, (2, 3)), imgs)
+
+
+def test_state_dict_has_official_fcmae_keys():
+    model = fcmae.create_fcmae("convnextv2_atto", decoder_dim=64, decoder_depth=2)
+    keys = set(model.state_dict())
+    assert {"mask_token", "proj.weight", "proj.bias", "pred.weight", "pred.bias",
+            "decoder.0.dwconv.weight", "decoder.1.grn.gamma",
+            "encoder.stages.0.0.dwconv.kernel", "encoder.downsample_layers.1.1.kernel"} <= keys
+    assert model.mask_token.shape == (1, 64, 1, 1)
+    assert model.pred.weight.shape == (32 * 32 * 3, 64, 1, 1)
+
+
+def test_forward_shapes_and_loss_counts_removed_patches_only():
+    model = randomize_(fcmae.create_fcmae("convnextv2_atto", decoder_dim=32), std=0.05)
+    imgs = torch.randn(2, 3, 64, 64)
+    loss, pred, mask = model(imgs, mask_ratio=0.5)
+    assert pred.shape == (2, 4, 3072) and mask.shape == (2, 4)
+    target = patchify(imgs, 32)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = (pred - target).pow(2).mean(-1)
+    expected = per_patch[mask.bool()].mean()
+    torch.testing.assert_close(loss, expected)
+    # changing predictions of visible patches leaves the loss unchanged
+    altered = torch.where(mask.bool()[..., None], pred, pred + 5.0)
+    torch.testing.assert_close(model.forward_loss(imgs, altered, mask), loss)
+
+
+def test_without_norm_pix_loss_target_is_raw_pixels():
+    model = fcmae.create_fcmae("convnextv2_atto", norm_pix_loss=False, decoder_dim=32)
+    imgs = torch.randn(1, 3, 32, 64)
+    mask = torch.tensor([[1.0, 0.0]])
+    pred = patchify(imgs, 32).clone()
+    assert model.forward_loss(imgs, pred, mask).item() == 0.0
+    pred[0, 0] += 1.0
+    torch.testing.assert_close(model.forward_loss(imgs, pred, mask), torch.tensor(1.0))
+
+
+def test_removed_pixels_change_neither_latent_nor_prediction():
+    model = randomize_(fcmae.create_fcmae("convnextv2_atto", decoder_dim=32), std=0.05)
+    imgs = torch.randn(2, 3, 96, 96)
+    mask = random_masks(2, 9, 0.6)
+    _, pred, _ = model(imgs, mask=mask)
+    removed = mask.reshape(2, 1, 3, 3).bool().repeat_interleave(32, 2).repeat_interleave(32, 3)
+    altered = torch.where(removed, torch.rand_like(imgs) * 100, imgs)
+    _, altered_pred, _ = model(altered, mask=mask)
+    assert torch.equal(pred, altered_pred)
+    # and the visible pixels do matter
+    _, other_pred, _ = model(torch.where(removed, imgs, imgs + 1.0), mask=mask)
+    assert not torch.allclose(other_pred, pred)
+
+
+def test_backward_reaches_every_parameter():
+    model = randomize_(fcmae.create_fcmae("convnextv2_atto", decoder_dim=32), std=0.05)
+    loss, _, _ = model(torch.randn(2, 3, 64, 64))
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert missing == []

@@ -1,0 +1,150 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparse_ops
+import sparse_ops.nn as snn
+from sparse_ops import SparseImage
+from sparse_ops.layout import (conv_kernel_to_weight, conv_weight_to_kernel,
+                               depthwise_kernel_to_weight, depthwise_weight_to_kernel)
+
+from .helpers import assert_close
+
+
+def random_sparse(batch=3, channels=5, height=9, width=11, density=0.4):
+    dense = torch.randn(batch, channels, height, width)
+    active = torch.rand(batch, height, width) < density
+    active[0, 0, 0] = True  # never empty
+    return SparseImage.from_dense(dense, active), dense * active[:, None], active
+
+
+def test_from_dense_round_trip_zeroes_inactive_sites():
+    x, masked, active = random_sparse()
+    assert x.features.shape == (int(active.sum()), 5)
+    assert torch.equal(x.dense(), masked)
+    assert torch.equal(x.sites.active_mask(), active)
+    # raster order: flat index strictly increasing
+    assert bool((x.sites.flat_index.diff() > 0).all())
+
+
+def test_from_dense_rejects_mismatched_mask():
+    with pytest.raises(ValueError, match="expected dense"):
+        SparseImage.from_dense(torch.zeros(2, 3, 4, 4), torch.ones(2, 5, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+def test_depthwise_conv_equals_dense_conv_on_masked_input(kernel_size):
+    x, masked, active = random_sparse()
+    x.features.requires_grad_(True)
+    layer = snn.DepthwiseConv2d(5, kernel_size)
+    with torch.no_grad():
+        layer.bias.normal_()
+    out = layer(x)
+    weight = depthwise_kernel_to_weight(layer.kernel)
+    reference = F.conv2d(masked, weight, layer.bias.reshape(-1), padding=kernel_size // 2, groups=5)
+    assert_close(out.dense(), reference * active[:, None])
+    # gradients w.r.t. input features and kernel
+    out.features.square().sum().backward()
+    dense_in = masked.clone().requires_grad_(True)
+    ref_out = F.conv2d(dense_in, depthwise_kernel_to_weight(layer.kernel), layer.bias.reshape(-1),
+                       padding=kernel_size // 2, groups=5)
+    kernel_grad = layer.kernel.grad.clone()
+    layer.kernel.grad = None
+    (ref_out * active[:, None]).square().sum().backward()
+    assert_close(SparseImage(x.features.grad, x.sites).dense(), dense_in.grad * active[:, None])
+    assert_close(kernel_grad, layer.kernel.grad)
+
+
+def test_depthwise_kernel_orientation_is_minkowski_order():
+    # row r = dx * k + dy holds offset (dy, dx): a one at (dy=+1, dx=0) reads the pixel below.
+    kernel = torch.zeros(9, 1)
+    kernel[1 * 3 + 2] = 1.0  # dx index 1 (0 offset), dy index 2 (+1)
+    dense = torch.arange(16.0).reshape(1, 1, 4, 4)
+    x = SparseImage.from_dense(dense, torch.ones(1, 4, 4, dtype=torch.bool))
+    out = sparse_ops.functional.depthwise_conv2d(x, kernel).dense()
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, :3] = dense[0, 0, 1:]
+    assert torch.equal(out, expected)
+
+
+def test_layout_round_trips():
+    weight = torch.randn(6, 1, 5, 5)
+    assert torch.equal(depthwise_kernel_to_weight(depthwise_weight_to_kernel(weight)), weight)
+    conv_weight = torch.randn(4, 3, 2, 2)
+    assert torch.equal(conv_kernel_to_weight(conv_weight_to_kernel(conv_weight)), conv_weight)
+    kernel = torch.randn(4, 3, 7)
+    # row r = dx * k + dy ↔ weight[o, i, dy, dx]
+    assert torch.equal(conv_kernel_to_weight(kernel)[5, 2, 1, 0], kernel[0 * 2 + 1, 2, 5])
+
+
+def test_strided_conv_equals_dense_conv_and_activates_parents():
+    x, masked, active = random_sparse(height=8, width=10)
+    x.features.requires_grad_(True)
+    layer = snn.Conv2d(5, 7, kernel_size=2, stride=2)
+    with torch.no_grad():
+        layer.bias.normal_()
+    out = layer(x)
+    parent_active = F.max_pool2d(active[:, None].float(), 2)[:, 0].bool()
+    assert torch.equal(out.sites.active_mask(), parent_active)
+    assert out.stride == 2 and out.spatial_shape == (4, 5)
+    reference = F.conv2d(masked, conv_kernel_to_weight(layer.kernel), layer.bias.reshape(-1), stride=2)
+    assert_close(out.dense(), reference * parent_active[:, None])
+    out.features.sum().backward()
+    dense_in = masked.clone().requires_grad_(True)
+    (F.conv2d(dense_in, conv_kernel_to_weight(layer.kernel.detach()), stride=2)
+     * parent_active[:, None]).sum().backward()
+    assert_close(SparseImage(x.features.grad, x.sites).dense(), dense_in.grad * active[:, None])
+
+
+def test_grn_is_per_image_and_matches_dense_grn_on_masked_map():
+    from fcmae.models.layers import GRN as DenseGRN
+    x, masked, active = random_sparse(channels=6)          # unequal counts per image
+    assert not x.sites.equal_counts
+    sparse_grn, dense_grn = snn.GRN(6), DenseGRN(6)
+    with torch.no_grad():
+        sparse_grn.gamma.normal_(), sparse_grn.beta.normal_()
+        dense_grn.gamma.copy_(sparse_grn.gamma.reshape(1, 1, 1, 6))
+        dense_grn.beta.copy_(sparse_grn.beta.reshape(1, 1, 1, 6))
+    out = sparse_grn(x).dense()
+    reference = dense_grn(masked.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * active[:, None]
+    assert_close(out, reference)
+    # the batch-statistics compatibility mode pools all images and so differs
+    batch_grn = snn.GRN(6, batch_stats=True)
+    batch_grn.load_state_dict(sparse_grn.state_dict())
+    assert (batch_grn(x).dense() - out).abs().max() > 1e-3
+
+
+def test_grn_packed_path_equals_general_path():
+    active = torch.zeros(2, 4, 4, dtype=torch.bool)
+    active[0, :2] = True
+    active[1, 2:] = True                                   # 8 sites each
+    x = SparseImage.from_dense(torch.randn(2, 3, 4, 4), active)
+    assert x.sites.equal_counts
+    padded_general = torch.zeros(2, 8, 3).index_put(
+        (x.sites.batch_index, x.sites.rank_in_image), x.features)
+    assert torch.equal(x.sites.to_padded(x.features), padded_general)
+
+
+def test_pointwise_layers_match_torch_nn():
+    x, _, _ = random_sparse(channels=8)
+    linear, norm = snn.Linear(8, 4), snn.LayerNorm(8)
+    assert torch.equal(linear(x).features, linear.linear(x.features))
+    assert torch.equal(norm(x).features, norm.ln(x.features))
+    assert torch.equal(snn.GELU()(x).features, F.gelu(x.features))
+
+
+def test_drop_path_drops_whole_images():
+    x, _, _ = random_sparse(batch=64, channels=4, density=0.5)
+    layer = snn.DropPath(0.5).train()
+    ratio = layer(x).features / x.features
+    for image in range(64):
+        values = ratio[x.sites.batch_index == image]
+        assert torch.allclose(values, values[0].expand_as(values))
+        assert values[0, 0].item() in (0.0, 2.0)
+    assert torch.equal(layer.eval()(x).features, x.features)
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown sparse backend 'nope'.*torch"):
+        sparse_ops.get_backend("nope")
+    assert "torch" in sparse_ops.available_backends()
