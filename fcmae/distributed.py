@@ -1,6 +1,7 @@
 """torch.distributed helpers: set up from torchrun's environment, rank-aware utilities."""
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -50,13 +51,19 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return tensor.item() / world_size()
 
 
-def all_gather_object(obj: Any) -> list[Any]:
-    """Objects of every rank, in rank order."""
+def all_gather_state(state: Any) -> list[Any]:
+    """``state`` (tensors, numbers, containers) of every rank, in rank order.
+
+    Sent as ``torch.save`` bytes: pickling tensors through ``all_gather_object`` fails on
+    some torch builds, and bytes load back with ``weights_only=True``.
+    """
     if not is_distributed():
-        return [obj]
+        return [state]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in gathered]
 
 
 def barrier() -> None:

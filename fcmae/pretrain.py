@@ -47,8 +47,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def run_pretraining(args: argparse.Namespace) -> Path:
-    """Pretrain as ``args`` says; returns the path of the last checkpoint."""
+def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
+    """Pretrain as ``args`` says; returns (path of the last checkpoint, the trained FCMAE)."""
     resolve_recipe(args)
     validate(args)
     rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
@@ -114,7 +114,7 @@ def run_pretraining(args: argparse.Namespace) -> Path:
             sampler.set_epoch(epoch)
             stats, step = train_one_epoch(train_model, loader, optimizer, scaler, _fcmae_loss, config,
                                           epoch, step, device, logger, log_reconstructions)
-            rng = distributed.all_gather_object(ckpt.capture_rng_state())
+            rng = distributed.all_gather_state(ckpt.capture_rng_state())
             if main:
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
@@ -125,12 +125,12 @@ def run_pretraining(args: argparse.Namespace) -> Path:
                     ckpt.atomic_save(state, output_dir / f"checkpoint-{epoch}.pth")
                 logger.log({"epoch": epoch, "epoch_loss": stats["loss"],
                             "skipped_images": dataset.num_skipped}, step, prefix="epoch")
-                skipped = f", skipped {dataset.num_skipped} unreadable images" if dataset.num_skipped else ""
+                skipped = f", {dataset.num_skipped} unreadable image reads skipped so far" if dataset.num_skipped else ""
                 print(f"epoch {epoch}: loss {stats['loss']:.4f}{skipped}", file=sys.stderr)
             distributed.barrier()
     finally:
         logger.close()
-    return last
+    return last, model
 
 
 def _fcmae_loss(model, imgs):

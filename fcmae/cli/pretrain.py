@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from ..pretrain import run_pretraining
     errors = (DataError, CheckpointError, NonFiniteLossError, ValueError)
-    last = run_or_exit("fcmae-pretrain", lambda: run_pretraining(args), errors)
+    last, _ = run_or_exit("fcmae-pretrain", lambda: run_pretraining(args), errors)
     from .. import distributed
     if distributed.is_main_process():
         print(f"done: checkpoint {last}\n"

@@ -1,0 +1,207 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fcmae.checkpoint import load_checkpoint
+from fcmae.cli.pretrain import build_parser, main
+from fcmae.data import DEMO_TRAIN_PHOTOS, demo_photo_paths
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
+         "--num-workers", "0", "--blr", "0.1", "--warmup-epochs", "1", "--vis-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """An ImageFolder tree of real photo crops, plus one corrupt file and one grayscale image."""
+    root = tmp_path_factory.mktemp("images")
+    for index, path in enumerate(demo_photo_paths(DEMO_TRAIN_PHOTOS[:6])):
+        folder = root / f"class{index % 2}"
+        folder.mkdir(exist_ok=True)
+        with Image.open(path) as photo:
+            photo.convert("RGB").resize((96, 80)).save(folder / f"{path.stem}.png")
+    with Image.open(demo_photo_paths(["camera.png"])[0]) as gray:
+        gray.convert("L").resize((72, 72)).save(root / "class0" / "gray.jpg")
+    (root / "class1" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    return root
+
+
+def run_cli(args):
+    """Run fcmae-pretrain in-process; returns the exit code (0 when it returns normally)."""
+    try:
+        main(args)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_end_to_end_on_folder_with_corrupt_and_gray_images(image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="skipping unreadable image .*corrupt.jpg"):
+        code = run_cli(QUICK + ["--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "2"])
+    assert code == 0
+    checkpoint = load_checkpoint(out / "checkpoint-last.pth")
+    assert checkpoint["epoch"] == 1 and checkpoint["model_name"] == "convnextv2_atto"
+    assert "encoder.stages.0.0.dwconv.kernel" in checkpoint["model"]
+    assert list(out.glob("events.out.tfevents.*"))
+    records = read_jsonl(out / "log.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    epochs = [r for r in records if "epoch_loss" in r]
+    assert epochs[-1]["skipped_images"] >= 1
+    err = capsys.readouterr().err
+    assert "next: fcmae-convert" in err and "skipped" in err
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    from fcmae import create_fcmae
+    from fcmae.engine import ScheduleConfig, make_scaler, train_one_epoch
+    from fcmae.logger import RunLogger
+    from fcmae.masking import random_masks
+    from fcmae.optim import param_groups
+
+    model = create_fcmae("convnextv2_atto", decoder_dim=32)
+    imgs = torch.randn(4, 3, 64, 64)
+    mask = random_masks(4, 4, 0.5)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=3e-3, betas=(0.9, 0.95))
+    config = ScheduleConfig(lr=3e-3, min_lr=3e-3, warmup_epochs=0, epochs=1)
+    losses = []
+
+    def fixed_mask_loss(net, batch):
+        loss, pred, _ = net(batch, mask=mask)
+        losses.append(loss.item())
+        return loss, pred
+
+    train_one_epoch(model, [imgs] * 20, optimizer, make_scaler("none", torch.device("cpu")),
+                    fixed_mask_loss, config, 0, 0, torch.device("cpu"), RunLogger(None))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def interrupt_at_epoch(monkeypatch, stop_epoch, error=KeyboardInterrupt):
+    """Make the run die when ``stop_epoch`` starts, as a killed job would."""
+    import fcmae.pretrain
+    real = fcmae.pretrain.train_one_epoch
+
+    def wrapped(*args, **kwargs):
+        if args[6] == stop_epoch:
+            raise error("simulated failure")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fcmae.pretrain, "train_one_epoch", wrapped)
+
+
+def test_two_epochs_equal_one_plus_one_with_resume(image_folder, tmp_path, monkeypatch):
+    common = QUICK + ["--data-path", str(image_folder), "--seed", "3", "--epochs", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(common + ["--output-dir", str(straight)]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 1)
+        assert run_cli(common + ["--output-dir", str(split)]) == 130
+    assert load_checkpoint(split / "checkpoint-last.pth")["epoch"] == 0
+    assert run_cli(common + ["--output-dir", str(split), "--resume", "auto"]) == 0
+
+    straight_losses = [r["loss"] for r in read_jsonl(straight / "log.jsonl") if "loss" in r]
+    split_losses = [r["loss"] for r in read_jsonl(split / "log.jsonl") if "loss" in r]
+    assert split_losses == straight_losses
+    a = load_checkpoint(straight / "checkpoint-last.pth")
+    b = load_checkpoint(split / "checkpoint-last.pth")
+    assert a["step"] == b["step"] == 8
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_two_process_gloo_run_ends_with_identical_weights(image_folder, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29517", str(REPO / "tests" / "ddp_worker.py"),
+               *QUICK, "--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "1",
+               "--dist-backend", "gloo", "--device", "cpu"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    saved = load_checkpoint(out / "checkpoint-last.pth")["model"]
+    initial_differs = False
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert torch.equal(rank0[key], saved[key]), key
+        initial_differs |= not torch.equal(rank0[key], torch.zeros_like(rank0[key]))
+    assert initial_differs
+    records = read_jsonl(out / "log.jsonl")   # rank 0 only: 8 images / (2 per process x 2) = 2 steps
+    assert len([r for r in records if "loss" in r]) == 2
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    common = QUICK + ["--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "2"]
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 1)
+        run_cli(common)
+    good = (out / "checkpoint-last.pth").read_bytes()
+    import fcmae.pretrain
+
+    def nan_loss(model, imgs):
+        loss, outputs = real_loss(model, imgs)
+        return loss * float("nan"), outputs
+    real_loss = fcmae.pretrain._fcmae_loss
+    monkeypatch.setattr(fcmae.pretrain, "_fcmae_loss", nan_loss)
+    assert run_cli(common + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss is nan at epoch 1, step 5" in err and err.startswith("fcmae-pretrain: error:")
+    assert (out / "checkpoint-last.pth").read_bytes() == good
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mask-ratio", "1.0"], "mask ratio must be in [0, 1)"),
+    (["--input-size", "100"], "not a multiple of the patch size 32"),
+    (["--model", "convnextv2_giant"], "unknown model 'convnextv2_giant'"),
+    (["--backend", "nope"], "unknown sparse backend 'nope'"),
+    (["--data-path", "/does/not/exist"], "is not a directory"),
+])
+def test_bad_input_is_one_line_error(extra, message, capsys):
+    code = run_cli(QUICK + ["--epochs", "1", "--output-dir", "/tmp/unused-fcmae-out"] + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert message in err[-1] and err[-1].startswith("fcmae-pretrain: error:")
+
+
+def test_empty_folder_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert run_cli(QUICK + ["--data-path", str(tmp_path / "empty")]) == 2
+    assert "no images" in capsys.readouterr().err
+
+
+def test_resume_refuses_checkpoint_of_another_model(image_folder, tmp_path, capsys):
+    out = tmp_path / "atto"
+    assert run_cli(QUICK + ["--data-path", str(image_folder), "--output-dir", str(out),
+                            "--epochs", "1", "--steps-per-epoch", "1"]) == 0
+    code = run_cli(QUICK + ["--model", "convnextv2_femto", "--data-path", str(image_folder),
+                            "--output-dir", str(tmp_path / "femto"),
+                            "--resume", str(out / "checkpoint-last.pth")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "'convnextv2_atto'" in err and "'convnextv2_femto'" in err
+
+
+def test_corrupt_checkpoint_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage" * 10)
+    assert run_cli(QUICK + ["--resume", str(bad), "--output-dir", str(tmp_path)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_official_underscore_aliases_parse():
+    args = build_parser().parse_args(["--mask_ratio", "0.75", "--data_path", "x", "--batch_size", "8"])
+    assert (args.mask_ratio, args.data_path, args.batch_size) == (0.75, "x", 8)
