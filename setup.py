@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "fcmae-pretrain=fcmae.cli.pretrain:main",
+            "fcmae-convert=fcmae.cli.convert:main",
         ],
     },
 )

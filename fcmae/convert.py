@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from sparse_ops.layout import conv_kernel_to_weight, depthwise_kernel_to_weight
+
+from .checkpoint import CheckpointError
 
 ENCODER_PREFIX = "encoder."
 
@@ -77,3 +80,85 @@ def dense_to_timm_state_dict(dense: dict[str, Tensor]) -> dict[str, Tensor]:
             value = value.reshape(-1)
         timm_state[key] = value
     return timm_state
+
+
+FORMATS = ("official", "timm")
+
+
+def encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The ``encoder.*`` part of an FCMAE state dict, prefix removed (a bare encoder as is)."""
+    if any(key.startswith(ENCODER_PREFIX) for key in state):
+        return {key[len(ENCODER_PREFIX):]: value for key, value in state.items()
+                if key.startswith(ENCODER_PREFIX)}
+    return dict(state)
+
+
+def infer_model_name(encoder: dict[str, Tensor]) -> str:
+    """The registered model whose sparse encoder has exactly these keys and shapes."""
+    from . import create_encoder, list_models
+    found = {key: tuple(value.shape) for key, value in encoder.items()}
+    for name in list_models():
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in create_encoder(name).state_dict().items()}
+        if expected == found:
+            return name
+    raise CheckpointError(f"the checkpoint's encoder ({len(found)} tensors) matches no known model "
+                          f"({', '.join(list_models())}); is it an FCMAE checkpoint?")
+
+
+def convert_state(state: dict[str, Tensor], model_name: str | None = None,
+                  fmt: str = "official") -> tuple[dict[str, Tensor], str]:
+    """FCMAE checkpoint weights → (dense encoder weights in ``fmt`` layout, model name)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    encoder = encoder_state(state)
+    inferred = infer_model_name(encoder)
+    if model_name is not None and model_name != inferred:
+        raise CheckpointError(f"--model {model_name!r} does not match the checkpoint, "
+                              f"which holds {inferred!r}")
+    dense = sparse_to_dense_state_dict(encoder)
+    return (dense_to_timm_state_dict(dense) if fmt == "timm" else dense), inferred
+
+
+def build_dense(model_name: str, fmt: str, dense_state: dict[str, Tensor]) -> nn.Module:
+    """A dense model of ``fmt`` (ours = official layout, or timm's) with ``dense_state`` loaded;
+    only the final norm and classifier may be missing."""
+    from . import create_model
+    if fmt == "timm":
+        import timm
+        model = timm.create_model(model_name, pretrained=False)
+    else:
+        model = create_model(model_name)
+    missing, unexpected = model.load_state_dict(dense_state, strict=False)
+    allowed = {"norm.weight", "norm.bias", "head.weight", "head.bias", "head.norm.weight",
+               "head.norm.bias", "head.fc.weight", "head.fc.bias"}
+    if unexpected or set(missing) - allowed:
+        raise CheckpointError(f"converted weights do not fit {fmt} {model_name}: "
+                              f"missing {sorted(set(missing) - allowed)[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+@torch.no_grad()
+def verify(sparse_state: dict[str, Tensor], dense_state: dict[str, Tensor], model_name: str,
+           fmt: str = "official", batch_size: int = 2, input_size: int = 128,
+           mask_ratio: float = 0.6, seed: int = 0) -> float:
+    """Max abs difference between the sparse encoder (from ``sparse_state``) and the dense
+    model (from ``dense_state``) on a random batch.
+
+    Checked twice: without a mask (sparse encoder == dense ``forward_features``) and, for
+    the official layout, with a random mask against the masked-dense forward at visible sites.
+    """
+    from . import create_encoder
+    from .masking import random_masks
+    generator = torch.Generator().manual_seed(seed)
+    encoder = create_encoder(model_name).eval()
+    encoder.load_state_dict(encoder_state(sparse_state))
+    dense = build_dense(model_name, fmt, dense_state).eval()
+    imgs = torch.randn(batch_size, 3, input_size, input_size, generator=generator)
+    num_patches = (input_size // encoder.patch_size) ** 2
+    no_mask = torch.zeros(batch_size, num_patches)
+    worst = (encoder(imgs, no_mask) - dense.forward_features(imgs)).abs().max().item()
+    if fmt == "official":
+        mask = random_masks(batch_size, num_patches, mask_ratio, generator=generator)
+        worst = max(worst, (encoder(imgs, mask) - dense.forward_features(imgs, mask)).abs().max().item())
+    return worst

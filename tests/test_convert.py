@@ -1,0 +1,112 @@
+import pytest
+import timm
+import torch
+
+import fcmae
+import fcmae.convert
+from fcmae.checkpoint import atomic_save
+from fcmae.cli.convert import main
+from fcmae.convert import convert_state, verify
+
+from .helpers import randomize_
+
+
+def run_cli(args):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    return exit_.value.code
+
+
+@pytest.fixture(scope="module")
+def official_style_checkpoint(tmp_path_factory):
+    """An FCMAE checkpoint laid out like the official ones: weights under 'model', keys
+    'encoder.*' plus decoder keys, and 'optimizer', 'epoch', 'scaler', 'args' entries."""
+    torch.manual_seed(1)
+    model = randomize_(fcmae.create_fcmae("convnextv2_atto", decoder_dim=64), std=0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-799.pth"
+    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 799, "scaler": {},
+                "args": {"model": "convnextv2_atto"}}, path)
+    return path, model
+
+
+@pytest.mark.parametrize("fmt", ["official", "timm"])
+def test_converted_random_fcmae_reproduces_sparse_features(official_style_checkpoint, fmt):
+    _, model = official_style_checkpoint
+    dense_state, name = convert_state(model.state_dict(), fmt=fmt)
+    assert name == "convnextv2_atto"
+    assert not any(k.startswith(("proj", "pred", "mask_token", "decoder")) for k in dense_state)
+    assert verify(model.state_dict(), dense_state, name, fmt) < 1e-4
+
+
+def test_timm_layout_loads_into_timm_apart_from_head(official_style_checkpoint):
+    _, model = official_style_checkpoint
+    dense_state, _ = convert_state(model.state_dict(), fmt="timm")
+    timm_model = timm.create_model("convnextv2_atto", pretrained=False).eval()
+    missing, unexpected = timm_model.load_state_dict(dense_state, strict=False)
+    assert unexpected == []
+    assert sorted(missing) == ["head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"]
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.encoder(imgs, torch.zeros(2, 4))
+        torch.testing.assert_close(timm_model.forward_features(imgs), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_converts_official_style_file_and_verifies(official_style_checkpoint, tmp_path, capsys):
+    path, model = official_style_checkpoint
+    out = tmp_path / "dense.pth"
+    assert run_cli([path, "-o", out, "--verify"]) == 0
+    assert "max abs difference" in capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    dense = fcmae.create_model(saved["model_name"])
+    missing, unexpected = dense.load_state_dict(saved["model"], strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"] and not unexpected
+
+
+def test_verify_catches_a_wrong_conversion(official_style_checkpoint, tmp_path, monkeypatch, capsys):
+    path, _ = official_style_checkpoint
+    # forget the transpose of the kernel layout: rows and columns swap
+    monkeypatch.setattr(fcmae.convert, "depthwise_kernel_to_weight",
+                        lambda k: k.t().reshape(k.shape[1], 1, 7, 7))
+    out = tmp_path / "dense.pth"
+    assert run_cli([path, "-o", out, "--verify"]) == 1
+    assert "verification failed" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_existing_output_needs_force(official_style_checkpoint, tmp_path, capsys):
+    path, _ = official_style_checkpoint
+    out = tmp_path / "dense.pth"
+    out.write_bytes(b"keep me")
+    assert run_cli([path, "-o", out]) == 2
+    assert "pass --force" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    assert run_cli([path, "-o", out, "--force"]) == 0
+    assert out.read_bytes() != b"keep me"
+
+
+@pytest.mark.parametrize("content,message", [
+    ("truncated", "cannot read checkpoint"),
+    ("garbage", "cannot read checkpoint"),
+    ("other", "matches no known model"),
+])
+def test_bad_inputs_are_one_line_errors_and_write_nothing(official_style_checkpoint, tmp_path, capsys,
+                                                          content, message):
+    path, _ = official_style_checkpoint
+    bad = tmp_path / "bad.pth"
+    if content == "truncated":
+        bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif content == "garbage":
+        bad.write_bytes(b"\x00not a checkpoint" * 100)
+    else:
+        atomic_save({"model": {"encoder.weight": torch.zeros(3, 3)}}, bad)
+    out = tmp_path / "dense.pth"
+    assert run_cli([bad, "-o", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_wrong_model_name_is_refused(official_style_checkpoint, tmp_path, capsys):
+    path, _ = official_style_checkpoint
+    assert run_cli([path, "-o", tmp_path / "x.pth", "--model", "convnextv2_femto"]) == 2
+    err = capsys.readouterr().err
+    assert "'convnextv2_femto'" in err and "'convnextv2_atto'" in err
