@@ -112,3 +112,28 @@ def find_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | Non
         candidate = Path(output_dir) / LAST
         return candidate if candidate.is_file() else None
     return Path(resume)
+
+
+def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler, model_name: str,
+                    rank: int, world_size: int,
+                    extra_modules: dict[str, Any] | None = None) -> tuple[int, int]:
+    """Restore model, optimizer, scaler, RNG (and e.g. ``{'model_ema': ema}``) to continue
+    exactly; returns (next epoch, global step)."""
+    checkpoint = load_checkpoint(path)
+    state = state_dict_of(checkpoint)
+    check_compatible(model, state, model_name, checkpoint.get("model_name"), path)
+    model.load_state_dict(state)
+    if checkpoint.get("optimizer"):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    for key, module in (extra_modules or {}).items():
+        if key in checkpoint:
+            module.load_state_dict(checkpoint[key])
+    rng = checkpoint.get("rng")
+    if rng and len(rng) == world_size:
+        restore_rng_state(rng[rank])
+    elif rng:
+        print(f"warning: checkpoint has RNG states for {len(rng)} processes, this run has "
+              f"{world_size}; continuing with fresh random streams")
+    return int(checkpoint.get("epoch", -1)) + 1, int(checkpoint.get("step", 0))

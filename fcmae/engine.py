@@ -1,10 +1,13 @@
 """One training loop for every command: AMP, gradient accumulation, DDP, NaN guard, logging."""
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -13,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
+from . import checkpoint as ckpt
 from .logger import RunLogger
 from .optim import cosine_lr, set_lr
 
@@ -125,3 +129,52 @@ def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     model = model.module if isinstance(model, DistributedDataParallel) else model
     return getattr(model, "_orig_mod", model)
+
+
+@dataclass
+class RunInfo:
+    """What every checkpoint records about the run besides the training state."""
+
+    model_name: str
+    args: argparse.Namespace
+    output_dir: Path
+    save_every: int = 0
+
+
+def fit(model: nn.Module, train_model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler, loss_fn: LossFn, config: ScheduleConfig, run: RunInfo,
+        start_epoch: int, step: int, device: torch.device, logger: RunLogger,
+        step_hook: StepHook | None = None,
+        end_of_epoch: Callable[[int], dict[str, float]] | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None) -> Path:
+    """The epoch loop shared by every command: train, evaluate, checkpoint atomically.
+
+    ``model`` is the bare module (saved), ``train_model`` its DDP/compiled wrapper (trained).
+    ``end_of_epoch(epoch)`` returns metrics to log (e.g. validation accuracy);
+    ``extra_state()`` adds entries to the checkpoint (e.g. EMA weights).
+    Returns the path of ``checkpoint-last.pth``.
+    """
+    last = run.output_dir / ckpt.LAST
+    sampler = getattr(loader, "sampler", None)
+    for epoch in range(start_epoch, config.epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        stats, step = train_one_epoch(train_model, loader, optimizer, scaler, loss_fn, config,
+                                      epoch, step, device, logger, step_hook)
+        rng = distributed.all_gather_state(ckpt.capture_rng_state())  # before eval draws numbers
+        metrics = end_of_epoch(epoch) if end_of_epoch else {}
+        if distributed.is_main_process():
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
+                     "model_name": run.model_name, "rng": rng, "format": ckpt.FORMAT,
+                     **(extra_state() if extra_state else {})}
+            ckpt.atomic_save(state, last)
+            if run.save_every and (epoch + 1) % run.save_every == 0:
+                ckpt.atomic_save(state, run.output_dir / f"checkpoint-{epoch}.pth")
+            record = {"epoch": epoch, "epoch_loss": stats["loss"], **metrics}
+            logger.log(record, step, prefix="epoch")
+            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in record.items()), file=sys.stderr)
+        distributed.barrier()
+    return last

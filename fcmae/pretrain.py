@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
 from .data import DataError, build_pretrain_dataset
-from .engine import ScheduleConfig, make_scaler, train_one_epoch, unwrap
+from .engine import RunInfo, ScheduleConfig, fit, make_scaler
 from .logger import RunLogger, reconstruction_grid
 from .masking import check_mask_ratio, patch_grid
 from .optim import param_groups
@@ -81,7 +80,8 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     start_epoch, step = 0, 0
     resume_path = ckpt.find_resume(args.resume, output_dir)
     if resume_path is not None:
-        start_epoch, step = resume(resume_path, model, optimizer, scaler, args.model, rank, world_size)
+        start_epoch, step = ckpt.resume_training(resume_path, model, optimizer, scaler, args.model,
+                                                 rank, world_size)
         if main:
             print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
 
@@ -108,26 +108,13 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
                                        args.norm_pix_loss)
             logger.log_image("reconstruction", grid, global_step)
 
-    last = output_dir / ckpt.LAST
+    def skipped_images(epoch: int) -> dict[str, float]:
+        return {"skipped_image_reads": dataset.num_skipped} if dataset.num_skipped else {}
+
+    run = RunInfo(args.model, args, output_dir, args.save_every)
     try:
-        for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            stats, step = train_one_epoch(train_model, loader, optimizer, scaler, _fcmae_loss, config,
-                                          epoch, step, device, logger, log_reconstructions)
-            rng = distributed.all_gather_state(ckpt.capture_rng_state())
-            if main:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                         "args": _plain_args(args), "model_name": args.model, "rng": rng,
-                         "format": ckpt.FORMAT}
-                ckpt.atomic_save(state, last)
-                if args.save_every and (epoch + 1) % args.save_every == 0:
-                    ckpt.atomic_save(state, output_dir / f"checkpoint-{epoch}.pth")
-                logger.log({"epoch": epoch, "epoch_loss": stats["loss"],
-                            "skipped_images": dataset.num_skipped}, step, prefix="epoch")
-                skipped = f", {dataset.num_skipped} unreadable image reads skipped so far" if dataset.num_skipped else ""
-                print(f"epoch {epoch}: loss {stats['loss']:.4f}{skipped}", file=sys.stderr)
-            distributed.barrier()
+        last = fit(model, train_model, loader, optimizer, scaler, _fcmae_loss, config, run,
+                   start_epoch, step, device, logger, log_reconstructions, skipped_images)
     finally:
         logger.close()
     return last, model
@@ -136,27 +123,3 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
 def _fcmae_loss(model, imgs):
     loss, pred, mask = model(imgs)
     return loss, (pred, mask)
-
-
-def _plain_args(args: argparse.Namespace) -> dict:
-    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-
-
-def resume(path: Path, model, optimizer, scaler, model_name: str, rank: int,
-           world_size: int) -> tuple[int, int]:
-    """Load everything needed to continue exactly; returns (next epoch, global step)."""
-    checkpoint = ckpt.load_checkpoint(path)
-    state = ckpt.state_dict_of(checkpoint)
-    ckpt.check_compatible(unwrap(model), state, model_name, checkpoint.get("model_name"), path)
-    unwrap(model).load_state_dict(state)
-    if "optimizer" in checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    if "scaler" in checkpoint and checkpoint["scaler"]:
-        scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint.get("rng")
-    if rng and len(rng) == world_size:
-        ckpt.restore_rng_state(rng[rank])
-    elif rng:
-        print(f"warning: checkpoint has RNG states for {len(rng)} processes, this run has "
-              f"{world_size}; continuing with fresh random streams", file=sys.stderr)
-    return int(checkpoint.get("epoch", -1)) + 1, int(checkpoint.get("step", 0))

@@ -58,9 +58,9 @@ def test_end_to_end_on_folder_with_corrupt_and_gray_images(image_folder, tmp_pat
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     epochs = [r for r in records if "epoch_loss" in r]
-    assert epochs[-1]["skipped_images"] >= 1
+    assert epochs[-1]["skipped_image_reads"] >= 1
     err = capsys.readouterr().err
-    assert "next: fcmae-convert" in err and "skipped" in err
+    assert "next: fcmae-convert" in err and "skipped_image_reads" in err
 
 
 def test_loss_decreases_on_a_fixed_batch():
@@ -90,14 +90,14 @@ def test_loss_decreases_on_a_fixed_batch():
 
 def interrupt_at_epoch(monkeypatch, stop_epoch, error=KeyboardInterrupt):
     """Make the run die when ``stop_epoch`` starts, as a killed job would."""
-    import fcmae.pretrain
-    real = fcmae.pretrain.train_one_epoch
+    import fcmae.engine
+    real = fcmae.engine.train_one_epoch
 
     def wrapped(*args, **kwargs):
         if args[6] == stop_epoch:
             raise error("simulated failure")
         return real(*args, **kwargs)
-    monkeypatch.setattr(fcmae.pretrain, "train_one_epoch", wrapped)
+    monkeypatch.setattr(fcmae.engine, "train_one_epoch", wrapped)
 
 
 def test_two_epochs_equal_one_plus_one_with_resume(image_folder, tmp_path, monkeypatch):
