@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "fcmae-pretrain=fcmae.cli.pretrain:main",
             "fcmae-convert=fcmae.cli.convert:main",
+            "fcmae-finetune=fcmae.cli.finetune:main",
         ],
     },
 )

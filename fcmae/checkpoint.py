@@ -66,10 +66,10 @@ def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     raise CheckpointError("checkpoint holds no model weights (no 'model' or 'state_dict' entry)")
 
 
-def check_compatible(model: nn.Module, state: dict[str, torch.Tensor], model_name: str,
-                     saved_name: str | None, path: str | os.PathLike) -> None:
-    """Refuse weights of another model or shape, naming both."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+def check_compatible(model_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                     model_name: str, saved_name: str | None, path: str | os.PathLike) -> None:
+    """Refuse weights (``state``) that do not fit ``model_state`` in keys and shapes, naming both models."""
+    expected = {key: tuple(value.shape) for key, value in model_state.items()}
     found = {key: tuple(value.shape) for key, value in state.items()}
     if expected == found:
         return
@@ -121,7 +121,7 @@ def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler
     exactly; returns (next epoch, global step)."""
     checkpoint = load_checkpoint(path)
     state = state_dict_of(checkpoint)
-    check_compatible(model, state, model_name, checkpoint.get("model_name"), path)
+    check_compatible(model.state_dict(), state, model_name, checkpoint.get("model_name"), path)
     model.load_state_dict(state)
     if checkpoint.get("optimizer"):
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -38,3 +38,26 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr (times its ``lr_scale``, e.g. from layer-wise decay)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float,
+                             decay_type: str = "single") -> list[dict]:
+    """AdamW groups with layer-wise lr decay: a parameter of layer ``i`` gets
+    ``lr_scale = layer_decay ** (num_layers + 1 - i)`` (the head keeps the full lr).
+
+    The model provides ``layer_id(name, decay_type)`` and ``num_layers(decay_type)``.
+    """
+    if decay_type not in ("single", "group"):
+        raise ValueError(f"--layer-decay-type must be 'single' or 'group', got {decay_type!r}")
+    num_layers = model.num_layers(decay_type)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = model.layer_id(name, decay_type)
+        exempt = no_weight_decay(name, param)
+        group = groups.setdefault((layer, exempt), {
+            "params": [], "weight_decay": 0.0 if exempt else weight_decay,
+            "lr_scale": layer_decay ** (num_layers + 1 - layer)})
+        group["params"].append(param)
+    return list(groups.values())

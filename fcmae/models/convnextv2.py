@@ -121,6 +121,31 @@ class ConvNeXtV2(nn.Module):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
 
+    def num_layers(self, decay_type: str = "single") -> int:
+        """Depth used by layer-wise lr decay: one id per block ('single') or 12 groups ('group')."""
+        return sum(self.depths) if decay_type == "single" else 12
+
+    def layer_id(self, param_name: str, decay_type: str = "single") -> int:
+        """Layer-wise lr decay id of a parameter (0 = stem … num_layers + 1 = norm/head).
+
+        'single': every block its own id, a downsample layer shares the id of the first block
+        after it. 'group' (official recipe for base/large, depths 3,3,27,3): twelve groups —
+        stage 0 → 1, stage 1 → 2, stage 2 in runs of three blocks → 3…11, stage 3 → 12, with
+        the stem at 0 and downsample layers 1, 2 joining their stages' first group.
+        """
+        parts = param_name.split(".")
+        if parts[0] not in ("downsample_layers", "stages"):
+            return self.num_layers(decay_type) + 1
+        stage = int(parts[1])
+        if decay_type == "single":
+            block = int(parts[2]) if parts[0] == "stages" else 0
+            return sum(self.depths[:stage]) + block + 1
+        if parts[0] == "downsample_layers":
+            return {0: 0, 1: 2, 2: 3}.get(stage, 12)
+        if stage < 2:
+            return stage + 1
+        return 3 + int(parts[2]) // 3 if stage == 2 else 12
+
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, 3, H, W) → (B, C_last, H/32, W/32). ``mask`` (B, L): 1 = removed patch."""
         grid = patch_grid(x.shape[-2:], self.patch_size) if mask is not None else None

@@ -1,0 +1,74 @@
+"""``fcmae-finetune``: supervised fine-tuning / linear probing of the dense model."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .. import list_models
+from ..checkpoint import CheckpointError
+from ..data import DataError
+from ..engine import AMP_DTYPES, NonFiniteLossError
+from . import run_or_exit
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcmae-finetune",
+        description="Fine-tune or linear-probe a dense model on an ImageFolder with train/ and val/ "
+                    "splits, starting from fcmae-convert output (or an FCMAE checkpoint, converted on "
+                    "the fly). Defaults follow the official ConvNeXt V2 fine-tuning recipe for base. "
+                    "Official underscore spellings are accepted too.")
+    add = parser.add_argument
+    add("--model", default="convnextv2_atto", help=f"one of {', '.join(list_models())}")
+    add("--data-path", "--data_path", required=True, help="folder with train/ and val/ ImageFolder trees")
+    add("--finetune", default=None, help="pretrained weights (fcmae-convert output); omit for random init")
+    add("--output-dir", "--output_dir", default="output/finetune")
+    add("--log-dir", "--log_dir", default=None)
+    add("--epochs", type=int, default=100)
+    add("--batch-size", "--batch_size", type=int, default=64, help="per process")
+    add("--accum-iter", "--accum_iter", type=int, default=1)
+    add("--blr", type=float, default=6.25e-4, help="base lr; lr = blr * effective batch / 256")
+    add("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    add("--min-lr", "--min_lr", type=float, default=1e-6)
+    add("--warmup-epochs", "--warmup_epochs", type=float, default=20)
+    add("--weight-decay", "--weight_decay", type=float, default=0.05)
+    add("--layer-decay", "--layer_decay", type=float, default=1.0, help="layer-wise lr decay (1.0: off)")
+    add("--layer-decay-type", "--layer_decay_type", choices=["single", "group"], default="single")
+    add("--drop-path", "--drop_path", type=float, default=0.1)
+    add("--head-init-scale", "--head_init_scale", type=float, default=0.001)
+    add("--smoothing", type=float, default=0.1, help="label smoothing")
+    add("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
+    add("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+    add("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('' for none)")
+    add("--reprob", type=float, default=0.25, help="random erasing probability")
+    add("--model-ema", "--model_ema", action=argparse.BooleanOptionalAction, default=True)
+    add("--model-ema-decay", "--model_ema_decay", type=float, default=0.9999)
+    add("--input-size", "--input_size", type=int, default=224)
+    add("--linear-probe", "--linear_probe", action="store_true",
+        help="freeze the encoder; train only the final LayerNorm + linear head on pooled features")
+    add("--eval", action="store_true", help="only evaluate (weights from --resume or --finetune)")
+    add("--amp", choices=list(AMP_DTYPES), default="none")
+    add("--compile", action="store_true")
+    add("--clip-grad", "--clip_grad", type=float, default=None)
+    add("--num-workers", "--num_workers", type=int, default=2)
+    add("--seed", type=int, default=0)
+    add("--resume", default=None, help="checkpoint path or 'auto'")
+    add("--save-every", "--save_every", type=int, default=0)
+    add("--steps-per-epoch", "--steps_per_epoch", type=int, default=None)
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--dist-backend", "--dist_backend", choices=["nccl", "gloo"], default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from .. import distributed
+    from ..finetune import run_finetuning
+    run_or_exit("fcmae-finetune", lambda: run_finetuning(args),
+                (DataError, CheckpointError, NonFiniteLossError, ValueError))
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Fine-tuning and linear probing of the dense model from converted FCMAE weights.
+
+Reuses the pretraining engine (``engine.fit``), checkpoint format and resume; adds the
+supervised parts: ImageFolder data with timm augmentation, layer-wise lr decay,
+mixup/cutmix, label smoothing, model EMA, top-1/top-5 evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.datasets import ImageFolder
+
+from . import checkpoint as ckpt
+from . import create_model, distributed
+from .convert import encoder_state, convert_state
+from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, find_images
+from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to
+from .logger import RunLogger
+from .optim import layer_decay_param_groups, param_groups
+from .pretrain import seed_everything
+
+HEAD_KEYS = ("norm.", "head.")
+
+
+def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
+    """``DATA/train`` and ``DATA/val`` ImageFolder trees with the same classes."""
+    root = Path(args.data_path)
+    for split in ("train", "val"):
+        find_images(root / split)  # clear error for a missing or empty split
+    if args.linear_probe:
+        train_tf = create_transform(args.input_size, is_training=True, no_aug=False, scale=(0.08, 1.0),
+                                    hflip=0.5, auto_augment=None, re_prob=0.0, color_jitter=None,
+                                    interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    else:
+        train_tf = create_transform(args.input_size, is_training=True, auto_augment=args.aa or None,
+                                    re_prob=args.reprob, re_mode="pixel", re_count=1,
+                                    color_jitter=None, interpolation="bicubic",
+                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    train = ImageFolder(str(root / "train"), transform=train_tf)
+    val = ImageFolder(str(root / "val"), transform=eval_transform(args.input_size))
+    if train.classes != val.classes:
+        raise DataError(f"train and val classes differ: {train.classes[:5]} vs {val.classes[:5]}")
+    return train, val
+
+
+def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
+    """Load dense (official layout) or FCMAE weights into ``model``; the final norm and the
+    classifier may be missing (they start fresh), anything else must fit exactly."""
+    state = ckpt.state_dict_of(ckpt.load_checkpoint(path))
+    if "stem.0.weight" in state:
+        raise ckpt.CheckpointError(f"{path} is in timm layout; convert with "
+                                   f"'fcmae-convert --format official' for fine-tuning here")
+    if any(key.endswith(".kernel") for key in encoder_state(state)):
+        state, found = convert_state(state)          # an FCMAE checkpoint: convert on the fly
+        if found != model_name:
+            raise ckpt.CheckpointError(f"{path} holds {found!r}, but this run builds {model_name!r}")
+    own = model.state_dict()
+    state = {k: v for k, v in state.items()
+             if not (k.startswith(HEAD_KEYS) and k in own and own[k].shape != v.shape)}
+    def body(weights):
+        return {k: v for k, v in weights.items() if not k.startswith(HEAD_KEYS)}
+    ckpt.check_compatible(body(own), body(state), model_name, None, path)
+    model.load_state_dict(state, strict=False)
+
+
+def make_loss(args: argparse.Namespace, num_classes: int):
+    """(criterion, mixup or None) as the official recipe: soft targets under mixup/cutmix."""
+    mixup = None
+    if not args.linear_probe and (args.mixup > 0 or args.cutmix > 0):
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(args.smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader`` (all ranks)."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    dtype = AMP_DTYPES[amp]
+    for images, targets in loader:
+        images, targets = move_to(images, device), move_to(targets, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets[:, None])
+        totals += torch.tensor([nn.functional.cross_entropy(logits, targets, reduction="sum").item(),
+                                hits[:, :1].sum().item(), hits.sum().item(), len(targets)],
+                               dtype=torch.float64, device=device)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(totals)
+    loss, top1, top5, count = totals.tolist()
+    return {"acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "val_loss": loss / count}
+
+
+def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
+    """Fine-tune (or linear-probe, or just evaluate); returns the last validation metrics."""
+    rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
+    device = torch.device(args.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+    seed_everything(args.seed + rank)
+    main = distributed.is_main_process()
+    output_dir = Path(args.output_dir)
+
+    train_set, val_set = build_datasets(args)
+    num_classes = len(train_set.classes)
+    if len(train_set) < args.batch_size * world_size:
+        raise DataError(f"train split has {len(train_set)} images, fewer than one batch; lower --batch-size")
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    val_loader = DataLoader(val_set, batch_size=args.batch_size,
+                            sampler=DistributedSampler(val_set, world_size, rank, shuffle=False),
+                            num_workers=args.num_workers)
+
+    model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path,
+                         head_init_scale=args.head_init_scale)
+    if args.finetune:
+        load_pretrained(model, args.finetune, args.model)
+    if args.linear_probe:
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith(HEAD_KEYS)
+    model.to(device)
+
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    groups = (layer_decay_param_groups(model, args.weight_decay, args.layer_decay, args.layer_decay_type)
+              if args.layer_decay != 1.0 else param_groups(model, args.weight_decay))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    scaler = make_scaler(args.amp, device)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+
+    start_epoch, step = 0, 0
+    resume_path = ckpt.find_resume(args.resume, output_dir)
+    if resume_path is not None:
+        start_epoch, step = ckpt.resume_training(resume_path, model, optimizer, scaler, args.model,
+                                                 rank, world_size, {"model_ema": ema} if ema else None)
+    if args.eval:
+        metrics = evaluate(model, val_loader, device, args.amp)
+        if main:
+            print(f"eval: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
+                  f"loss {metrics['val_loss']:.4f} on {len(val_set)} images")
+        return metrics
+
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    criterion, mixup = make_loss(args, num_classes)
+
+    def classification_loss(net, batch):
+        images, targets = batch
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        return criterion(net(images), targets), None
+
+    def update_ema(global_step: int, batch, outputs) -> None:
+        if ema is not None:
+            ema.update(model, step=global_step)
+
+    results: dict[str, float] = {}
+
+    def validate(epoch: int) -> dict[str, float]:
+        results.clear()
+        results.update(evaluate(model, val_loader, device, args.amp))
+        if ema is not None:
+            results.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, args.amp).items()})
+        return dict(results)
+
+    logger = RunLogger(args.log_dir or output_dir, enabled=main)
+    if main:
+        mode = "linear probe" if args.linear_probe else "fine-tune"
+        print(f"fcmae-finetune ({mode}): {args.model}, {num_classes} classes, {len(train_set)} train / "
+              f"{len(val_set)} val images, eff. batch {eff_batch}, lr {args.lr:.3g}, "
+              f"weights {args.finetune or 'random init'}")
+    config = ScheduleConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+                            epochs=args.epochs, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
+                            amp=args.amp, steps_per_epoch=args.steps_per_epoch)
+    run = RunInfo(args.model, args, output_dir, args.save_every)
+    try:
+        fit(model, train_model, loader, optimizer, scaler, classification_loss, config, run,
+            start_epoch, step, device, logger, update_ema, validate,
+            (lambda: {"model_ema": ema.state_dict()}) if ema else None)
+    finally:
+        logger.close()
+    return results

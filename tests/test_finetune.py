@@ -1,0 +1,132 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import fcmae
+from fcmae.checkpoint import atomic_save, load_checkpoint
+from fcmae.cli.finetune import main
+from fcmae.convert import convert_state
+from fcmae.data import demo_photo_paths
+from fcmae.optim import layer_decay_param_groups
+
+from .helpers import randomize_
+
+QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--epochs", "2",
+         "--num-workers", "0", "--warmup-epochs", "1", "--blr", "1e-2", "--model-ema-decay", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def labeled_folder(tmp_path_factory):
+    """train/ and val/ splits; each class is random crops of one photo."""
+    root = tmp_path_factory.mktemp("labeled")
+    generator = torch.Generator().manual_seed(0)
+    for label, name in enumerate(["astronaut.png", "coffee.png"]):
+        with Image.open(demo_photo_paths([name])[0]) as photo:
+            rgb = photo.convert("RGB").resize((160, 160))
+        for split, count in (("train", 6), ("val", 4)):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                x, y = torch.randint(0, 80, (2,), generator=generator).tolist()
+                rgb.crop((x, y, x + 80, y + 80)).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """An FCMAE checkpoint with random weights and its dense conversion."""
+    folder = tmp_path_factory.mktemp("weights")
+    model = randomize_(fcmae.create_fcmae("convnextv2_atto", decoder_dim=32), std=0.05)
+    atomic_save({"model": model.state_dict()}, folder / "fcmae.pth")
+    dense, _ = convert_state(model.state_dict())
+    atomic_save({"model": dense}, folder / "dense.pth")
+    return folder / "fcmae.pth", folder / "dense.pth", dense
+
+
+def run_cli(args):
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def records(folder):
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
+def test_finetune_from_converted_weights_trains_evaluates_and_saves_ema(labeled_folder, pretrained, tmp_path):
+    _, dense_path, _ = pretrained
+    out = tmp_path / "ft"
+    assert run_cli(QUICK + ["--data-path", labeled_folder, "--finetune", dense_path, "--output-dir", out]) == 0
+    checkpoint = load_checkpoint(out / "checkpoint-last.pth")
+    assert checkpoint["epoch"] == 1 and "model_ema" in checkpoint
+    epochs = [r for r in records(out) if "acc1" in r]
+    assert len(epochs) == 2
+    assert all(0 <= r["acc1"] <= 100 and r["acc5"] == 100.0 for r in epochs)   # 2 classes: top-5 = all
+    assert "ema_acc1" in epochs[-1]
+
+
+def test_linear_probe_leaves_encoder_untouched(labeled_folder, pretrained, tmp_path):
+    _, dense_path, dense = pretrained
+    out = tmp_path / "lp"
+    assert run_cli(QUICK + ["--data-path", labeled_folder, "--finetune", dense_path, "--output-dir", out,
+                            "--linear-probe", "--no-model-ema"]) == 0
+    trained = load_checkpoint(out / "checkpoint-last.pth")["model"]
+    for key, value in dense.items():
+        assert torch.equal(trained[key], value), key
+    fresh = fcmae.create_model("convnextv2_atto", num_classes=2, head_init_scale=0.001)
+    assert not torch.equal(trained["head.weight"], fresh.head.weight)
+
+
+def test_fcmae_checkpoint_converts_on_the_fly(pretrained):
+    from fcmae.finetune import load_pretrained
+    fcmae_path, _, dense = pretrained
+    model = fcmae.create_model("convnextv2_atto", num_classes=3)
+    load_pretrained(model, str(fcmae_path), "convnextv2_atto")
+    for key, value in dense.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_wrong_model_weights_are_refused(labeled_folder, pretrained, tmp_path, capsys):
+    _, dense_path, _ = pretrained
+    code = run_cli(QUICK + ["--model", "convnextv2_femto", "--data-path", labeled_folder,
+                            "--finetune", dense_path, "--output-dir", tmp_path])
+    assert code == 2 and "'convnextv2_femto'" in capsys.readouterr().err
+
+
+def test_eval_only_reports_accuracy(labeled_folder, pretrained, tmp_path, capsys):
+    _, dense_path, _ = pretrained
+    assert run_cli(QUICK + ["--data-path", labeled_folder, "--finetune", dense_path, "--eval",
+                            "--output-dir", tmp_path]) == 0
+    assert "eval: top-1" in capsys.readouterr().out
+
+
+def test_missing_val_split_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    assert run_cli(QUICK + ["--data-path", tmp_path]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_layer_decay_groups_follow_official_ids():
+    with torch.device("meta"):
+        model = fcmae.create_model("convnextv2_base")
+    assert model.num_layers("group") == 12
+    ids = {name: model.layer_id(name, "group") for name, _ in model.named_parameters()}
+    assert ids["downsample_layers.0.0.weight"] == 0
+    assert ids["stages.0.2.dwconv.weight"] == 1 and ids["downsample_layers.1.1.weight"] == 2
+    assert ids["stages.2.0.pwconv1.weight"] == 3 and ids["stages.2.26.pwconv1.weight"] == 11
+    assert ids["downsample_layers.3.1.weight"] == 12 and ids["head.weight"] == 13
+    single = {name: model.layer_id(name, "single") for name, _ in model.named_parameters()}
+    assert single["downsample_layers.0.0.weight"] == 1 and single["stages.1.0.norm.weight"] == 4
+    assert single["head.bias"] == sum(model.depths) + 1
+    groups = layer_decay_param_groups(model, 0.05, 0.5, "group")
+    scales = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert scales[id(params["head.weight"])] == 1.0
+    assert scales[id(params["downsample_layers.0.0.weight"])] == 0.5 ** 13
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay[id(params["stages.0.0.grn.gamma"])] == 0.0 and decay[id(params["head.weight"])] == 0.05
