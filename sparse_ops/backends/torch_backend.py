@@ -41,12 +41,17 @@ class TorchBackend(Backend):
         return SparseImage(features, out_sites, x.backend)
 
 
+def coarse_sites(sites: ActiveSites, stride: int) -> ActiveSites:
+    """Sites of the stride-``stride`` grid that have at least one active child (raster order)."""
+    return _downsample_map(sites, stride)[0]
+
+
 def _downsample_map(sites: ActiveSites, stride: int) -> tuple[ActiveSites, Tensor]:
     """Coarse sites and, per coarse site, the row of each child (N for a missing child).
 
     Children are listed in kernel-row order ``r = dx * stride + dy``. Cached on ``sites``.
     """
-    key = ("torch.downsample", stride)
+    key = ("downsample", stride)
     if key in sites.cache:
         return sites.cache[key]
     height, width = sites.spatial_shape

@@ -1,0 +1,311 @@
+"""RevCol: reversible column networks (Cai et al., ICLR 2023), dense classifier and FCMAE encoder.
+
+N columns, each with four levels (strides 4/8/16/32). Column k updates
+``c_i = alpha_i * c_i(previous column) + Level_i(low, high)`` for i = 0..3, where
+``low`` is the stem output (i = 0) or this column's new ``c_{i-1}`` and ``high`` is the
+previous column's ``c_{i+1}``. Because ``c_i(previous)`` can be recovered as
+``(c_i - Level_i(low, high)) / alpha_i``, the reversible mode stores no activations inside
+a column: backward recomputes them (with the same RNG and autocast state) and inverts.
+
+State-dict keys follow the official checkpoints (``stem``, ``subnet{k}.alpha{i}``,
+``subnet{k}.level{i}.fusion.*``/``blocks.*``, ``cls.classifier.*``). Masked-dense FCMAE:
+the stem output, every fusion output and every block output are re-masked, so each ``c_i``
+is exactly zero at removed sites and nothing leaks across 32-px patches.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from ..masking import patch_grid, upsample_mask
+from .layers import LayerNorm2d
+from .registry import register_model
+
+# name: (channels, blocks per level, columns, default drop path)
+REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int, float]] = {
+    "t": ((64, 128, 256, 512), (2, 2, 4, 2), 4, 0.1),
+    "s": ((64, 128, 256, 512), (2, 2, 4, 2), 8, 0.3),
+    "b": ((72, 144, 288, 576), (1, 1, 3, 2), 16, 0.4),
+    "l": ((128, 256, 512, 1024), (1, 2, 6, 2), 8, 0.5),
+    "xl": ((224, 448, 896, 1792), (1, 2, 6, 2), 8, 0.5),
+}
+
+STEM_STRIDE = 4
+Masks = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]  # keep (B,1,h,w) per level
+
+
+def _masked(x: Tensor, keep: Tensor | None) -> Tensor:
+    return x if keep is None else x * keep
+
+
+class Block(nn.Module):
+    """ConvNeXt (V1) block: dwconv 3×3 → LN → Linear 4C → GELU → Linear → ·gamma → DropPath, residual."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 3,
+                 layer_scale: float = 1e-6) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        out = self.dwconv(x).permute(0, 2, 3, 1)                      # (B, H, W, C)
+        out = self.pwconv2(self.act(self.pwconv1(self.norm(out)))) * self.gamma
+        return _masked(x + self.drop_path(out.permute(0, 3, 1, 2)), keep)
+
+
+class UpSample(nn.Module):
+    """Linear c_{i+1} → c_i and LayerNorm per site, then nearest ×2."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.channel_reschedule = nn.Sequential(nn.Linear(in_channels, out_channels),
+                                                nn.LayerNorm(out_channels, eps=1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+class Fusion(nn.Module):
+    """Combines ``low`` (this column, finer level) and ``high`` (previous column, coarser level)."""
+
+    def __init__(self, level: int, channels: Sequence[int], first_column: bool) -> None:
+        super().__init__()
+        self.level, self.first_column = level, first_column
+        self.down = (nn.Sequential(nn.Conv2d(channels[level - 1], channels[level], 2, stride=2),
+                                   LayerNorm2d(channels[level], eps=1e-6))
+                     if level > 0 else nn.Identity())
+        if not first_column:
+            self.up = UpSample(channels[level + 1], channels[level]) if level < 3 else nn.Identity()
+
+    def forward(self, low: Tensor, high: Tensor | None) -> Tensor:
+        if self.first_column or self.level == 3:
+            return self.down(low)
+        return self.up(high) + self.down(low)
+
+
+class Level(nn.Module):
+    def __init__(self, level: int, channels: Sequence[int], layers: Sequence[int], first_column: bool,
+                 drop_rates: Sequence[float], kernel_size: int = 3) -> None:
+        super().__init__()
+        start = sum(layers[:level])
+        self.fusion = Fusion(level, channels, first_column)
+        self.blocks = nn.ModuleList(Block(channels[level], drop_rates[start + j], kernel_size)
+                                    for j in range(layers[level]))
+
+    def forward(self, low: Tensor, high: Tensor | None, keep: Tensor | None = None) -> Tensor:
+        x = _masked(self.fusion(low, high), keep)
+        for block in self.blocks:
+            x = block(x, keep)
+        return x
+
+
+def _column_forward(levels, alphas, x: Tensor, prev: Sequence[Tensor | None], keeps: Masks) -> list[Tensor]:
+    """One column: c_i = alpha_i * prev_i + Level_i(low, prev_{i+1}); prev None = column 0."""
+    outputs: list[Tensor] = []
+    for i, (level, alpha) in enumerate(zip(levels, alphas)):
+        low = x if i == 0 else outputs[i - 1]
+        high = prev[i + 1] if i < 3 else None
+        out = level(low, high, keeps[i])
+        outputs.append(out if prev[i] is None else alpha * prev[i] + out)
+    return outputs
+
+
+class ReversibleColumn(torch.autograd.Function):
+    """Column forward without stored activations; backward recomputes and inverts.
+
+    Inputs: (levels, alphas, keeps, first_column, x, prev0..prev3). Saves only x and the
+    column's outputs. Each level's RNG state (CPU and the input's CUDA device) and the
+    autocast state are captured in forward and restored for the recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, levels, alphas, keeps, first_column, x, *prev):
+        ctx.levels, ctx.alphas, ctx.keeps, ctx.first_column = levels, alphas, keeps, first_column
+        ctx.device_type = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.rng = []
+        prev_or_none = [None] * 4 if first_column else list(prev)
+        outputs: list[Tensor] = []
+        with torch.no_grad():
+            for i, (level, alpha) in enumerate(zip(levels, alphas)):
+                ctx.rng.append(_rng_state(x.device))
+                low = x if i == 0 else outputs[i - 1]
+                high = prev_or_none[i + 1] if i < 3 else None
+                out = level(low, high, keeps[i])
+                outputs.append(out if prev_or_none[i] is None else alpha * prev_or_none[i] + out)
+        ctx.save_for_backward(x, *outputs)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        x, *outputs = ctx.saved_tensors
+        grads = [g.clone() if g is not None else torch.zeros_like(c) for g, c in zip(grad_outputs, outputs)]
+        prev: list[Tensor | None] = [None] * 4     # recovered previous-column outputs
+        prev_grads: list[Tensor | None] = [None] * 4
+        grad_x = None
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.enable_grad(), torch.random.fork_rng(devices=devices), \
+                torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+            for i in reversed(range(4)):
+                _set_rng_state(ctx.rng[i], x.device)
+                low = (x if i == 0 else outputs[i - 1]).detach().requires_grad_(True)
+                high = None
+                if i < 3 and not ctx.first_column:
+                    high = prev[i + 1].detach().requires_grad_(True)
+                out = ctx.levels[i](low, high, ctx.keeps[i])
+                torch.autograd.backward(out, grads[i])
+                if i == 0:
+                    grad_x = low.grad
+                else:
+                    grads[i - 1] += low.grad
+                if high is not None:
+                    prev_grads[i + 1] = prev_grads[i + 1] + high.grad
+                if not ctx.first_column:
+                    alpha = ctx.alphas[i]
+                    with torch.no_grad():
+                        prev[i] = (outputs[i] - out.detach()) / alpha
+                    torch.autograd.backward(prev[i].detach() * alpha, grads[i])   # alpha's grad
+                    prev_grads[i] = alpha.detach() * grads[i]
+        if ctx.first_column:
+            return (None, None, None, None, grad_x, None, None, None, None)
+        return (None, None, None, None, grad_x, *prev_grads)
+
+
+def _rng_state(device: torch.device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class SubNet(nn.Module):
+    """One column: ``alpha0..3`` (1, c_i, 1, 1) and ``level0..3``."""
+
+    def __init__(self, channels: Sequence[int], layers: Sequence[int], first_column: bool,
+                 drop_rates: Sequence[float], kernel_size: int = 3) -> None:
+        super().__init__()
+        self.first_column = first_column
+        for i, dim in enumerate(channels):
+            setattr(self, f"alpha{i}", nn.Parameter(torch.full((1, dim, 1, 1), 0.5)))
+            setattr(self, f"level{i}", Level(i, channels, layers, first_column, drop_rates, kernel_size))
+
+    @property
+    def levels(self) -> list[Level]:
+        return [getattr(self, f"level{i}") for i in range(4)]
+
+    @property
+    def alphas(self) -> list[nn.Parameter]:
+        return [getattr(self, f"alpha{i}") for i in range(4)]
+
+    def forward(self, x: Tensor, prev: Sequence[Tensor | None], keeps: Masks,
+                reversible: bool) -> list[Tensor]:
+        with torch.no_grad():   # keep |alpha| >= 1e-3 so the column stays invertible
+            for alpha in self.alphas:
+                alpha.copy_(alpha.sign().where(alpha != 0, torch.ones_like(alpha)) * alpha.abs().clamp(min=1e-3))
+        if reversible and torch.is_grad_enabled():
+            zeros = [x.new_zeros(()) for _ in range(4)] if self.first_column else list(prev)
+            return list(ReversibleColumn.apply(self.levels, self.alphas, keeps, self.first_column, x, *zeros))
+        return _column_forward(self.levels, self.alphas, x, [None] * 4 if self.first_column else prev, keeps)
+
+
+class RevCol(nn.Module):
+    """RevCol classifier (official key layout). ``forward_features(x, mask)`` is the
+    masked-dense FCMAE encoder; ``reversible=True`` trains with constant activation memory."""
+
+    head_prefixes = ("cls.",)
+
+    def __init__(self, channels: Sequence[int] = (64, 128, 256, 512), layers: Sequence[int] = (2, 2, 4, 2),
+                 num_subnet: int = 4, num_classes: int = 1000, drop_path_rate: float = 0.0,
+                 kernel_size: int = 3, reversible: bool = True, head_init_scale: float = 1.0,
+                 in_chans: int = 3) -> None:
+        super().__init__()
+        self.channels, self.layers, self.num_subnet = tuple(channels), tuple(layers), num_subnet
+        self.reversible = reversible
+        self.num_features = channels[-1]
+        self.patch_size = STEM_STRIDE * 2 ** 3
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, channels[0], STEM_STRIDE, stride=STEM_STRIDE),
+                                  LayerNorm2d(channels[0], eps=1e-6))
+        total = sum(layers)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        for k in range(num_subnet):
+            setattr(self, f"subnet{k}", SubNet(channels, layers, k == 0, rates, kernel_size))
+        if num_classes > 0:
+            self.cls = nn.Module()
+            self.cls.classifier = nn.Sequential(nn.LayerNorm(channels[-1], eps=1e-6),
+                                                nn.Linear(channels[-1], num_classes))
+        self.apply(_init_weights)
+        if num_classes > 0:
+            self.cls.classifier[1].weight.data.mul_(head_init_scale)
+            self.cls.classifier[1].bias.data.mul_(head_init_scale)
+
+    def _keeps(self, x: Tensor, mask: Tensor | None) -> Masks:
+        if mask is None:
+            return (None, None, None, None)
+        grid = patch_grid(x.shape[-2:], self.patch_size)
+        return tuple(1.0 - upsample_mask(mask, grid, self.patch_size // (STEM_STRIDE * 2 ** i))
+                     .unsqueeze(1).type_as(x) for i in range(4))
+
+    def forward_columns(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """(B, 3, H, W) → the last column's [c0, c1, c2, c3] (strides 4…32)."""
+        keeps = self._keeps(x, mask)
+        x = _masked(self.stem(x), keeps[0])
+        columns: list[Tensor | None] = [None] * 4
+        for k in range(self.num_subnet):
+            columns = getattr(self, f"subnet{k}")(x, columns, keeps, self.reversible)
+        return columns
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) → (B, c3, H/32, W/32); with ``mask`` (B, L), zero at removed patches."""
+        return self.forward_columns(x, mask)[3]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:            # FCMAE encoder call: encoder(imgs, mask)
+            return self.forward_features(x, mask)
+        return self.cls.classifier(self.forward_features(x).mean(dim=(-2, -1)))
+
+    def num_layers(self, decay_type: str = "single") -> int:
+        return self.num_subnet
+
+    def layer_id(self, param_name: str, decay_type: str = "single") -> int:
+        """Layer-wise lr decay by column: stem 0, column k → k + 1, classifier last."""
+        if param_name.startswith("stem"):
+            return 0
+        if param_name.startswith("subnet"):
+            return int(param_name.split(".")[0][len("subnet"):]) + 1
+        return self.num_subnet + 1
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _build_encoder(backend: str = "torch", **kwargs) -> RevCol:
+    """FCMAE encoder: masked-dense RevCol without classifier (``backend`` has no role here)."""
+    kwargs.setdefault("num_classes", 0)
+    return RevCol(**kwargs)
+
+
+def _register_sizes() -> None:
+    for size, (channels, layers, columns, drop_path) in REVCOL_SIZES.items():
+        config = dict(channels=channels, layers=layers, num_subnet=columns)
+        register_model(f"revcol_{size}", partial(RevCol, **config), partial(_build_encoder, **config))
+
+
+_register_sizes()
