@@ -116,25 +116,28 @@ def convert_state(state: dict[str, Tensor], model_name: str | None = None,
     if model_name is not None and model_name != inferred:
         raise CheckpointError(f"--model {model_name!r} does not match the checkpoint, "
                               f"which holds {inferred!r}")
+    if fmt == "timm" and not inferred.startswith("convnextv2_"):
+        raise ValueError(f"timm has no layout for {inferred!r}; use --format official")
     dense = sparse_to_dense_state_dict(encoder)
     return (dense_to_timm_state_dict(dense) if fmt == "timm" else dense), inferred
 
 
 def build_dense(model_name: str, fmt: str, dense_state: dict[str, Tensor]) -> nn.Module:
     """A dense model of ``fmt`` (ours = official layout, or timm's) with ``dense_state`` loaded;
-    only the final norm and classifier may be missing."""
+    only its head (final norm, classifier) may be missing."""
     from . import create_model
     if fmt == "timm":
         import timm
         model = timm.create_model(model_name, pretrained=False)
+        head_prefixes: tuple[str, ...] = ("head.",)
     else:
         model = create_model(model_name)
+        head_prefixes = model.head_prefixes
     missing, unexpected = model.load_state_dict(dense_state, strict=False)
-    allowed = {"norm.weight", "norm.bias", "head.weight", "head.bias", "head.norm.weight",
-               "head.norm.bias", "head.fc.weight", "head.fc.bias"}
-    if unexpected or set(missing) - allowed:
+    missing_body = [key for key in missing if not key.startswith(head_prefixes)]
+    if unexpected or missing_body:
         raise CheckpointError(f"converted weights do not fit {fmt} {model_name}: "
-                              f"missing {sorted(set(missing) - allowed)[:3]}, unexpected {unexpected[:3]}")
+                              f"missing {missing_body[:3]}, unexpected {unexpected[:3]}")
     return model
 
 

@@ -20,15 +20,12 @@ from torchvision.datasets import ImageFolder
 
 from . import checkpoint as ckpt
 from . import create_model, distributed
-from .convert import encoder_state, convert_state
+from .convert import ENCODER_PREFIX, convert_state
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, find_images
 from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to
 from .logger import RunLogger
 from .optim import layer_decay_param_groups, param_groups
 from .pretrain import seed_everything
-
-HEAD_KEYS = ("norm.", "head.")
-
 
 def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
     """``DATA/train`` and ``DATA/val`` ImageFolder trees with the same classes."""
@@ -53,21 +50,22 @@ def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
 
 
 def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
-    """Load dense (official layout) or FCMAE weights into ``model``; the final norm and the
-    classifier may be missing (they start fresh), anything else must fit exactly."""
+    """Load dense (official layout) or FCMAE weights into ``model``; its head (``head_prefixes``:
+    final norm, classifier) may be missing and starts fresh, anything else must fit exactly."""
     state = ckpt.state_dict_of(ckpt.load_checkpoint(path))
-    if "stem.0.weight" in state:
+    if any(".conv_dw." in key for key in state):
         raise ckpt.CheckpointError(f"{path} is in timm layout; convert with "
                                    f"'fcmae-convert --format official' for fine-tuning here")
-    if any(key.endswith(".kernel") for key in encoder_state(state)):
+    if any(key.startswith(ENCODER_PREFIX) for key in state):
         state, found = convert_state(state)          # an FCMAE checkpoint: convert on the fly
         if found != model_name:
             raise ckpt.CheckpointError(f"{path} holds {found!r}, but this run builds {model_name!r}")
-    own = model.state_dict()
+    own, head = model.state_dict(), model.head_prefixes
     state = {k: v for k, v in state.items()
-             if not (k.startswith(HEAD_KEYS) and k in own and own[k].shape != v.shape)}
+             if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
+
     def body(weights):
-        return {k: v for k, v in weights.items() if not k.startswith(HEAD_KEYS)}
+        return {k: v for k, v in weights.items() if not k.startswith(head)}
     ckpt.check_compatible(body(own), body(state), model_name, None, path)
     model.load_state_dict(state, strict=False)
 
@@ -133,7 +131,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
         load_pretrained(model, args.finetune, args.model)
     if args.linear_probe:
         for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(HEAD_KEYS)
+            param.requires_grad = name.startswith(model.head_prefixes)
     model.to(device)
 
     eff_batch = args.batch_size * args.accum_iter * world_size

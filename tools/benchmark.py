@@ -9,7 +9,9 @@ model size, batch, masks and settings, and the table prints the ratios side by s
 
 Variants: ``dense`` (no mask, the fine-tuning network), ``masked`` (dense network that
 re-applies the mask after every spatial op, the JAX-style reference), ``sparse-<backend>``
-for every installed ``sparse_ops`` backend. Peak memory is ``torch.cuda.max_memory_allocated``
+for every installed ``sparse_ops`` backend. For RevCol (``revcol_*``, reversible by default)
+``masked-plain`` is the masked encoder with ordinary autograd, to compare memory.
+Peak memory is ``torch.cuda.max_memory_allocated``
 on GPU and the growth of the process' peak RSS over its idle RSS on CPU.
 """
 from __future__ import annotations
@@ -71,7 +73,8 @@ def build_step(variant: str, args: argparse.Namespace):
         model = fcmae.create_encoder(args.model, backend=variant.split("-", 1)[1]).to(device)
         forward = model
     else:
-        model = fcmae.create_model(args.model, num_classes=0).to(device)
+        extra = {"reversible": False} if variant == "masked-plain" else {}
+        model = fcmae.create_model(args.model, num_classes=0, **extra).to(device)
         if not args.no_channels_last:
             model = model.to(memory_format=torch.channels_last)
             imgs = imgs.contiguous(memory_format=torch.channels_last)
@@ -114,8 +117,12 @@ def measure(variant: str, args: argparse.Namespace, queue) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     patch_grid((args.input_size, args.input_size), 32)
-    variants = (["dense", "masked"] + [f"sparse-{name}" for name in sparse_ops.available_backends()]
-                if args.variants == "all" else args.variants.split(","))
+    if args.variants != "all":
+        variants = args.variants.split(",")
+    elif args.model.startswith("revcol"):
+        variants = ["dense", "masked", "masked-plain"]
+    else:
+        variants = ["dense", "masked"] + [f"sparse-{name}" for name in sparse_ops.available_backends()]
     context = mp.get_context("spawn")
     results = []
     for variant in variants:

@@ -99,6 +99,8 @@ class ConvNeXtV2(nn.Module):
     ``forward_features(x, mask)`` with a patch mask is the masked-dense FCMAE reference.
     """
 
+    head_prefixes = ("norm.", "head.")  # not part of an FCMAE encoder; fine-tuning starts them fresh
+
     def __init__(self, depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
                  in_chans: int = 3, num_classes: int = 1000, drop_path_rate: float = 0.0,
                  head_init_scale: float = 1.0, kernel_size: int = 7) -> None:

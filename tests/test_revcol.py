@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+import fcmae
+from fcmae.convert import convert_state, verify
+from fcmae.masking import random_masks
+from fcmae.models.revcol import REVCOL_SIZES, RevCol
+
+from .helpers import randomize_
+
+# Parameters with one 1000-class head, measured on the official model code (millions).
+OFFICIAL_PARAMS_M = {"t": 30.46, "s": 60.57, "b": 138.62, "l": 273.10, "xl": 833.81}
+
+
+@pytest.mark.parametrize("size", list(REVCOL_SIZES))
+def test_parameter_counts_match_official(size):
+    with torch.device("meta"):
+        model = fcmae.create_model(f"revcol_{size}")
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params_m - OFFICIAL_PARAMS_M[size]) / OFFICIAL_PARAMS_M[size] < 0.01
+
+
+def test_official_keys_and_shapes_for_t():
+    with torch.device("meta"):
+        state = fcmae.create_model("revcol_t").state_dict()
+    assert len(state) == 468
+    expected = {"stem.0.weight": (64, 3, 4, 4), "subnet0.alpha0": (1, 64, 1, 1),
+                "subnet0.level1.fusion.down.0.weight": (128, 64, 2, 2),
+                "subnet0.level1.fusion.down.1.weight": (128,),
+                "subnet1.level0.fusion.up.channel_reschedule.0.weight": (64, 128),
+                "subnet1.level0.fusion.up.channel_reschedule.1.weight": (64,),
+                "subnet0.level0.blocks.0.gamma": (64,), "subnet0.level0.blocks.0.dwconv.weight": (64, 1, 3, 3),
+                "subnet0.level0.blocks.0.pwconv1.weight": (256, 64),
+                "cls.classifier.0.weight": (512,), "cls.classifier.1.weight": (1000, 512)}
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+    assert not any(k.startswith("subnet0.") and ".fusion.up." in k for k in state)   # column 0 has no up
+    assert not any(".level3.fusion.up." in k for k in state)
+
+
+def small_revcol(reversible, columns=4, drop_path=0.3, seed=0):
+    torch.manual_seed(seed)
+    return RevCol((16, 32, 48, 64), (1, 2, 2, 1), num_subnet=columns, num_classes=0,
+                  drop_path_rate=drop_path, reversible=reversible)
+
+
+def randomized_pair(columns=4, drop_path=0.3):
+    reversible, plain = small_revcol(True, columns, drop_path), small_revcol(False, columns, drop_path)
+    randomize_(reversible)
+    with torch.no_grad():   # alphas near their 0.5 init: 1/alpha amplifies rounding when inverting
+        for name, param in reversible.named_parameters():
+            if "alpha" in name:
+                param.uniform_(0.3, 0.7)
+    plain.load_state_dict(reversible.state_dict())
+    return reversible.train(), plain.train()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_reversible_gradients_equal_plain_autograd_with_drop_path(masked):
+    reversible, plain = randomized_pair()
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_masks(2, 4, 0.5) if masked else None
+    weights = None
+    for model in (reversible, plain):
+        torch.manual_seed(7)   # same drop-path draws in both
+        out = model.forward_features(imgs, mask)
+        weights = torch.randn_like(out) if weights is None else weights
+        (out * weights).sum().backward()
+        model.output = out.detach()
+    torch.testing.assert_close(reversible.output, plain.output, rtol=0, atol=0)
+    plain_params = dict(plain.named_parameters())
+    for name, param in reversible.named_parameters():
+        ref = plain_params[name].grad
+        assert (param.grad is None) == (ref is None), name
+        if ref is not None:
+            scale = ref.abs().max().clamp(min=1e-8)
+            assert (param.grad - ref).abs().max() / scale < 1e-4, name
+
+
+def test_drop_path_is_active_in_that_test():
+    model = small_revcol(False).train()
+    imgs = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    first = model.forward_features(imgs)
+    torch.manual_seed(2)
+    assert not torch.equal(first, model.forward_features(imgs))
+
+
+def saved_activation_bytes(model, imgs):
+    """Bytes the forward pass keeps for backward, counted with saved-tensor hooks."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model.forward_features(imgs)
+    out.sum().backward()          # still works: the reversible path recomputes what it needs
+    assert model.stem[0].weight.grad is not None
+    return total
+
+
+def test_reversible_memory_stays_flat_as_columns_grow():
+    imgs = torch.randn(2, 3, 64, 64)
+    plain = {n: saved_activation_bytes(small_revcol(False, n, 0.0), imgs) for n in (2, 8)}
+    reversible = {n: saved_activation_bytes(small_revcol(True, n, 0.0), imgs) for n in (2, 8)}
+    assert 3.5 < plain[8] / plain[2] < 4.5            # plain autograd: linear in columns
+    assert reversible[8] < 0.15 * plain[8]
+    assert reversible[8] - reversible[2] < 0.1 * (plain[8] - plain[2])
+
+
+def test_fcmae_with_revcol_does_not_leak_removed_pixels():
+    model = fcmae.create_fcmae("revcol_t", decoder_dim=32)
+    randomize_(model, std=0.05)
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_masks(2, 4, 0.5)
+    loss, pred, _ = model(imgs, mask=mask)
+    latent = model.encoder(imgs, mask)
+    removed = mask.reshape(2, 1, 2, 2).bool()
+    assert bool((latent.masked_select(removed) == 0).all())
+    pixel_removed = removed.repeat_interleave(32, 2).repeat_interleave(32, 3)
+    altered = torch.where(pixel_removed, torch.randn_like(imgs) * 10, imgs)
+    assert torch.equal(model.encoder(altered, mask), latent)
+    assert torch.equal(model(altered, mask=mask)[1], pred)
+    loss.backward()
+    assert model.encoder.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_revcol_fcmae_checkpoint_converts_and_verifies():
+    model = fcmae.create_fcmae("revcol_t", decoder_dim=32)
+    randomize_(model, std=0.02)
+    dense_state, name = convert_state(model.state_dict())
+    assert name == "revcol_t" and not any(k.startswith("cls.") for k in dense_state)
+    assert verify(model.state_dict(), dense_state, name, input_size=64) < 1e-4
+    with pytest.raises(ValueError, match="timm has no layout"):
+        convert_state(model.state_dict(), fmt="timm")
