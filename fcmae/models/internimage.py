@@ -1,0 +1,308 @@
+"""InternImage (Wang et al., CVPR 2023) with DCNv3 in pure PyTorch: dense classifier and
+masked FCMAE encoder. Sizes T–XL; state-dict keys follow the official classification
+checkpoints (``patch_embed``, ``levels.{i}.blocks.{j}.dcn.*``, ``conv_head``, ``head``).
+
+From the stem output on, tensors are channels-last (N, H, W, C).
+
+Masked (FCMAE) mode: the image is zeroed at removed patches before the (not patch-local)
+stem, and every spatial op reads maps that are zero at removed sites — the stem output,
+each DCNv3's depthwise-conv input and its sampled values ``v``, each block output and each
+downsample input are re-masked — so nothing from a removed patch reaches a visible site.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from ..masking import patch_grid, upsample_mask
+from .registry import register_model
+
+# name: (channels C, depths, groups, layer_scale, post_norm, offset_scale)
+INTERNIMAGE_SIZES: dict[str, tuple] = {
+    "t": (64, (4, 4, 18, 4), (4, 8, 16, 32), None, False, 1.0),
+    "s": (80, (4, 4, 21, 4), (5, 10, 20, 40), 1e-5, True, 1.0),
+    "b": (112, (4, 4, 21, 4), (7, 14, 28, 56), 1e-5, True, 1.0),
+    "l": (160, (5, 5, 22, 5), (10, 20, 40, 80), 1e-5, True, 2.0),
+    "xl": (192, (5, 5, 24, 5), (12, 24, 48, 96), 1e-5, True, 2.0),
+}
+STEM_STRIDE = 4
+
+
+def _masked(x: Tensor, keep: Tensor | None) -> Tensor:
+    return x if keep is None else x * keep
+
+
+class ToChannelsLast(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class ToChannelsFirst(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+def _layer_norm(dim: int, first_in: bool = False, first_out: bool = False) -> nn.Sequential:
+    """LayerNorm wrapped like the official ``build_norm_layer`` (permutes carry no keys)."""
+    modules: list[nn.Module] = [ToChannelsLast()] if first_in else []
+    modules.append(nn.LayerNorm(dim, eps=1e-6))
+    if first_out:
+        modules.append(ToChannelsFirst())
+    return nn.Sequential(*modules)
+
+
+def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, kernel_size: int = 3,
+                 offset_scale: float = 1.0) -> Tensor:
+    """Deformable sampling of DCNv3 (stride 1, dilation 1, 'same' padding).
+
+    value (N, H, W, C); offset (N, H, W, G·P·2) ordered [group][point][dx, dy];
+    weight (N, H, W, G·P) modulation (already softmaxed) → (N, H, W, C).
+    Point p = i·k + j sits at (x, y) = (i − k//2, j − k//2) on the base grid, scaled by
+    ``offset_scale`` together with the learned offset. Corners outside the map read zero.
+    """
+    batch, height, width, channels = value.shape
+    points = kernel_size * kernel_size
+    group_channels = channels // groups
+    steps = torch.arange(kernel_size, device=value.device, dtype=value.dtype) - kernel_size // 2
+    grid_dx = steps.repeat_interleave(kernel_size)                 # i (x) outer
+    grid_dy = steps.repeat(kernel_size)                            # j (y) inner
+    offset = offset.reshape(batch, height, width, groups, points, 2)
+    ys = torch.arange(height, device=value.device, dtype=value.dtype).view(1, height, 1, 1, 1)
+    xs = torch.arange(width, device=value.device, dtype=value.dtype).view(1, 1, width, 1, 1)
+    sample_x = xs + (grid_dx + offset[..., 0]) * offset_scale     # (N, H, W, G, P) pixels
+    sample_y = ys + (grid_dy + offset[..., 1]) * offset_scale
+    grid = torch.stack([(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], dim=-1)
+    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(batch * groups, height * width, points, 2)
+    per_group = (value.reshape(batch, height * width, groups, group_channels)
+                 .permute(0, 2, 3, 1).reshape(batch * groups, group_channels, height, width))
+    sampled = F.grid_sample(per_group, grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)                   # (N·G, Cg, H·W, P)
+    weight = weight.reshape(batch, height * width, groups, points).permute(0, 2, 1, 3)
+    out = (sampled * weight.reshape(batch * groups, 1, height * width, points)).sum(-1)
+    return out.reshape(batch, groups, group_channels, height, width).permute(0, 3, 4, 1, 2) \
+              .reshape(batch, height, width, channels)
+
+
+class DCNv3(nn.Module):
+    """DCNv3 operator on (N, H, W, C): offsets and modulation from a depthwise-conv branch,
+    deformable bilinear sampling of ``input_proj(x)``, then ``output_proj``."""
+
+    def __init__(self, channels: int, groups: int, kernel_size: int = 3, dw_kernel_size: int = 3,
+                 offset_scale: float = 1.0) -> None:
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"channels {channels} not divisible by groups {groups}")
+        self.groups, self.kernel_size, self.offset_scale = groups, kernel_size, offset_scale
+        points = kernel_size * kernel_size
+        self.dw_conv = nn.Sequential(
+            nn.Conv2d(channels, channels, dw_kernel_size, padding=dw_kernel_size // 2, groups=channels),
+            _layer_norm(channels, first_in=True), nn.GELU())
+        self.offset = nn.Linear(channels, groups * points * 2)
+        self.mask = nn.Linear(channels, groups * points)           # modulation (official name)
+        self.input_proj = nn.Linear(channels, channels)
+        self.output_proj = nn.Linear(channels, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Offsets and modulation start at zero (a 3×3 box average); projections xavier."""
+        for layer in (self.offset, self.mask):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        for layer in (self.input_proj, self.output_proj):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """x (N, H, W, C); keep (N, H, W, 1) or None → (N, H, W, C)."""
+        batch, height, width, _ = x.shape
+        value = _masked(self.input_proj(x), keep)
+        query = self.dw_conv(_masked(x, keep).permute(0, 3, 1, 2))         # (N, H, W, C)
+        offset = self.offset(query)
+        weight = self.mask(query).reshape(batch, height, width, self.groups, -1).softmax(-1)
+        out = dcnv3_sample(value, offset, weight.flatten(3), self.groups, self.kernel_size,
+                           self.offset_scale)
+        return self.output_proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, ratio: float = 4.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, int(dim * ratio))
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(int(dim * ratio), dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm (T): x += DP(dcn(norm1(x))); x += DP(mlp(norm2(x))).
+    Post-norm with layer scale (S–XL): x += DP(gamma1·norm1(dcn(x))); likewise for the MLP."""
+
+    def __init__(self, dim: int, groups: int, drop_path: float, layer_scale: float | None,
+                 post_norm: bool, offset_scale: float) -> None:
+        super().__init__()
+        self.post_norm = post_norm
+        self.norm1 = _layer_norm(dim)
+        self.dcn = DCNv3(dim, groups, offset_scale=offset_scale)
+        self.norm2 = _layer_norm(dim)
+        self.mlp = Mlp(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale is not None:
+            self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale))
+            self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale))
+        self.layer_scale = layer_scale is not None
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        if self.post_norm:
+            branch = self.norm1(self.dcn(x, keep))
+        else:
+            branch = self.dcn(self.norm1(x), keep)
+        x = x + self.drop_path(self.gamma1 * branch if self.layer_scale else branch)
+        branch = self.norm2(self.mlp(x)) if self.post_norm else self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.gamma2 * branch if self.layer_scale else branch)
+        return _masked(x, keep)
+
+
+class Downsample(nn.Module):
+    """3×3 stride-2 conv (no bias) + LayerNorm, channels-last in and out."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, bias=False)
+        self.norm = _layer_norm(2 * dim, first_in=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)))
+
+
+class Level(nn.Module):
+    def __init__(self, dim: int, depth: int, groups: int, drop_rates: Sequence[float],
+                 layer_scale: float | None, post_norm: bool, offset_scale: float, downsample: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, groups, rate, layer_scale, post_norm, offset_scale)
+                                    for rate in drop_rates)
+        self.norm = None if post_norm else _layer_norm(dim)
+        self.downsample = Downsample(dim) if downsample else None
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """→ (this level's output, input of the next level)."""
+        for block in self.blocks:
+            x = block(x, keep)
+        if self.norm is not None:
+            x = _masked(self.norm(x), keep)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class StemEmbed(nn.Module):
+    """conv 3×3/2 → LN → GELU → conv 3×3/2 → LN; NCHW in, channels-last out."""
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = _layer_norm(dim // 2, first_in=True, first_out=True)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+        self.norm2 = _layer_norm(dim, first_in=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+
+
+class InternImage(nn.Module):
+    """InternImage T–XL classifier (official key layout); ``forward_features(x, mask)``
+    with a patch mask is the masked FCMAE encoder."""
+
+    head_prefixes = ("conv_head.", "head.")
+
+    def __init__(self, channels: int = 64, depths: Sequence[int] = (4, 4, 18, 4),
+                 groups: Sequence[int] = (4, 8, 16, 32), layer_scale: float | None = None,
+                 post_norm: bool = False, offset_scale: float = 1.0, num_classes: int = 1000,
+                 drop_path_rate: float = 0.0, cls_scale: float = 1.5, in_chans: int = 3) -> None:
+        super().__init__()
+        self.depths = tuple(depths)
+        self.num_features = channels * 2 ** (len(depths) - 1)
+        self.patch_size = STEM_STRIDE * 2 ** (len(depths) - 1)
+        self.patch_embed = StemEmbed(in_chans, channels)
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.levels = nn.ModuleList(
+            Level(channels * 2 ** i, depth, groups[i], rates[sum(depths[:i]):sum(depths[:i + 1])],
+                  layer_scale, post_norm, offset_scale, downsample=i < len(depths) - 1)
+            for i, depth in enumerate(depths))
+        if num_classes > 0:
+            hidden = int(self.num_features * cls_scale)
+            self.conv_head = nn.Sequential(nn.Conv2d(self.num_features, hidden, 1, bias=False),
+                                           nn.Sequential(nn.BatchNorm2d(hidden)), nn.GELU())
+            self.head = nn.Linear(hidden, num_classes)
+        self.apply(_init_linear)
+        for module in self.modules():
+            if isinstance(module, DCNv3):
+                module.reset_parameters()
+
+    def _keeps(self, x: Tensor, mask: Tensor | None) -> list[Tensor | None]:
+        if mask is None:
+            return [None] * len(self.levels)
+        grid = patch_grid(x.shape[-2:], self.patch_size)
+        return [1.0 - upsample_mask(mask, grid, self.patch_size // (STEM_STRIDE * 2 ** i))
+                .unsqueeze(-1).type_as(x) for i in range(len(self.levels))]
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) → (B, 8C, H/32, W/32); with ``mask`` (B, L) zero at removed patches."""
+        keeps = self._keeps(x, mask)
+        if mask is not None:   # the stem reads 3 px across patch borders: zero removed pixels first
+            x = x * keeps[0].permute(0, 3, 1, 2).repeat_interleave(STEM_STRIDE, 2) \
+                .repeat_interleave(STEM_STRIDE, 3)
+        x = _masked(self.patch_embed(x), keeps[0])
+        for level, keep in zip(self.levels, keeps):
+            out, x = level(x, keep)
+        return out.permute(0, 3, 1, 2)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:            # FCMAE encoder call: encoder(imgs, mask)
+            return self.forward_features(x, mask)
+        features = self.conv_head(self.forward_features(x))
+        return self.head(features.mean(dim=(-2, -1)))
+
+    def num_layers(self, decay_type: str = "single") -> int:
+        return sum(self.depths)
+
+    def layer_id(self, param_name: str, decay_type: str = "single") -> int:
+        """Layer-wise lr decay: stem 0, block j of level i → sum(depths[:i]) + j + 1, head last."""
+        parts = param_name.split(".")
+        if parts[0] == "patch_embed":
+            return 0
+        if parts[0] == "levels":
+            level = int(parts[1])
+            if parts[2] == "blocks":
+                return sum(self.depths[:level]) + int(parts[3]) + 1
+            return sum(self.depths[:level + 1])      # level norm / downsample: with its last block
+        return sum(self.depths) + 1
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _build_encoder(backend: str = "torch", **kwargs) -> InternImage:
+    """FCMAE encoder: masked InternImage without the classification head."""
+    kwargs.setdefault("num_classes", 0)
+    return InternImage(**kwargs)
+
+
+def _register_sizes() -> None:
+    for size, (channels, depths, groups, layer_scale, post_norm, offset_scale) in INTERNIMAGE_SIZES.items():
+        config = dict(channels=channels, depths=depths, groups=groups, layer_scale=layer_scale,
+                      post_norm=post_norm, offset_scale=offset_scale)
+        register_model(f"internimage_{size}", partial(InternImage, **config), partial(_build_encoder, **config))
+
+
+_register_sizes()

@@ -1,0 +1,155 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fcmae
+from fcmae.convert import convert_state, verify
+from fcmae.masking import random_masks
+from fcmae.models.internimage import INTERNIMAGE_SIZES, DCNv3, dcnv3_sample
+
+from .helpers import randomize_
+
+PUBLISHED_PARAMS_M = {"t": 29.92, "s": 50.08, "b": 97.46, "l": 223.33, "xl": 334.82}
+
+
+@pytest.mark.parametrize("size", list(INTERNIMAGE_SIZES))
+def test_parameter_counts_match_published(size):
+    with torch.device("meta"):
+        model = fcmae.create_model(f"internimage_{size}")
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params_m - PUBLISHED_PARAMS_M[size]) / PUBLISHED_PARAMS_M[size] < 0.01
+
+
+def official_t_keys():
+    """Keys of the official InternImage-T classification checkpoint, from its documented layout."""
+    keys = [f"patch_embed.{name}" for name in ("conv1.weight", "conv1.bias", "norm1.1.weight", "norm1.1.bias",
+                                                "conv2.weight", "conv2.bias", "norm2.1.weight", "norm2.1.bias")]
+    for level, depth in enumerate((4, 4, 18, 4)):
+        for block in range(depth):
+            prefix = f"levels.{level}.blocks.{block}."
+            keys += [prefix + k for k in (
+                "norm1.0.weight", "norm1.0.bias", "dcn.dw_conv.0.weight", "dcn.dw_conv.0.bias",
+                "dcn.dw_conv.1.1.weight", "dcn.dw_conv.1.1.bias", "dcn.offset.weight", "dcn.offset.bias",
+                "dcn.mask.weight", "dcn.mask.bias", "dcn.input_proj.weight", "dcn.input_proj.bias",
+                "dcn.output_proj.weight", "dcn.output_proj.bias", "norm2.0.weight", "norm2.0.bias",
+                "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")]
+        keys += [f"levels.{level}.norm.0.weight", f"levels.{level}.norm.0.bias"]
+        if level < 3:
+            keys += [f"levels.{level}.downsample.conv.weight", f"levels.{level}.downsample.norm.1.weight",
+                     f"levels.{level}.downsample.norm.1.bias"]
+    keys += ["conv_head.0.weight"] + [f"conv_head.1.0.{k}" for k in (
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked")] + ["head.weight", "head.bias"]
+    return set(keys)
+
+
+def test_t_state_dict_keys_are_official():
+    with torch.device("meta"):
+        state = fcmae.create_model("internimage_t").state_dict()
+    assert set(state) == official_t_keys()
+    assert tuple(state["levels.0.blocks.0.dcn.offset.weight"].shape) == (72, 64)
+    assert tuple(state["levels.0.blocks.0.dcn.mask.weight"].shape) == (36, 64)
+    with torch.device("meta"):
+        small = fcmae.create_model("internimage_s").state_dict()
+    assert "levels.0.norm.0.weight" not in small and "levels.0.blocks.0.gamma1" in small
+
+
+def naive_dcnv3(value, offset, weight, groups, kernel=3, scale=1.0):
+    """Bilinear sampling written out point by point (the definition, for tiny inputs)."""
+    batch, height, width, channels = value.shape
+    cg, points = channels // groups, kernel * kernel
+    offset = offset.reshape(batch, height, width, groups, points, 2)
+    weight = weight.reshape(batch, height, width, groups, points)
+    rows = []
+    for n in range(batch):
+        for h in range(height):
+            for w in range(width):
+                site = []
+                for g in range(groups):
+                    acc = value.new_zeros(cg)
+                    for p in range(points):
+                        i, j = divmod(p, kernel)
+                        x = w + (i - kernel // 2 + offset[n, h, w, g, p, 0]) * scale
+                        y = h + (j - kernel // 2 + offset[n, h, w, g, p, 1]) * scale
+                        x0, y0 = math.floor(x.item()), math.floor(y.item())
+                        sample = value.new_zeros(cg)
+                        for cy, cx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                            if 0 <= cy < height and 0 <= cx < width:
+                                bilinear = (1 - (x - cx).abs()) * (1 - (y - cy).abs())
+                                sample = sample + bilinear * value[n, cy, cx, g * cg:(g + 1) * cg]
+                        acc = acc + weight[n, h, w, g, p] * sample
+                    site.append(acc)
+                rows.append(torch.cat(site))
+    return torch.stack(rows).reshape(batch, height, width, channels)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_dcnv3_sampling_matches_hand_written_bilinear_with_gradients(scale):
+    torch.manual_seed(0)
+    value = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    offset = (torch.randn(1, 3, 4, 2 * 9 * 2, dtype=torch.float64) * 1.5).requires_grad_(True)  # some fall outside
+    weight = torch.rand(1, 3, 4, 2 * 9, dtype=torch.float64, requires_grad=True)
+    fast = dcnv3_sample(value, offset, weight, groups=2, offset_scale=scale)
+    slow = naive_dcnv3(value, offset, weight, groups=2, scale=scale)
+    torch.testing.assert_close(fast, slow)
+    probe = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad((fast * probe).sum(), (value, offset, weight))
+    slow_grads = torch.autograd.grad((slow * probe).sum(), (value, offset, weight))
+    for fast_grad, slow_grad in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(fast_grad, slow_grad)
+
+
+@pytest.mark.parametrize("scale,dilation", [(1.0, 1), (2.0, 2)])
+def test_zero_offsets_and_uniform_weights_give_a_box_filter(scale, dilation):
+    value = torch.randn(2, 6, 7, 8)
+    offset = torch.zeros(2, 6, 7, 4 * 9 * 2)
+    weight = torch.full((2, 6, 7, 4 * 9), 1 / 9)
+    out = dcnv3_sample(value, offset, weight, groups=4, offset_scale=scale)
+    box = torch.full((8, 1, 3, 3), 1 / 9)
+    expected = F.conv2d(value.permute(0, 3, 1, 2), box, padding=dilation, dilation=dilation, groups=8)
+    torch.testing.assert_close(out, expected.permute(0, 2, 3, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_freshly_initialised_dcnv3_is_a_box_average_of_its_projection():
+    layer = DCNv3(8, groups=2)
+    x = torch.randn(1, 5, 5, 8)
+    box = torch.full((8, 1, 3, 3), 1 / 9)
+    value = layer.input_proj(x).permute(0, 3, 1, 2)
+    expected = layer.output_proj(F.conv2d(value, box, padding=1, groups=8).permute(0, 2, 3, 1))
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    layer = randomize_(DCNv3(16, groups=2), std=0.1)
+    x = torch.randn(2, 6, 6, 16)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_fcmae_with_internimage_never_reads_removed_pixels():
+    model = fcmae.create_fcmae("internimage_t", decoder_dim=32)
+    randomize_(model, std=0.05)            # non-zero offsets reach far beyond the base grid
+    imgs = torch.randn(2, 3, 96, 96)
+    mask = random_masks(2, 9, 0.6)
+    _, pred, _ = model(imgs, mask=mask)
+    latent = model.encoder(imgs, mask)
+    removed = mask.reshape(2, 1, 3, 3).bool()
+    assert bool((latent.masked_select(removed) == 0).all())
+    pixel_removed = removed.repeat_interleave(32, 2).repeat_interleave(32, 3)
+    altered = torch.where(pixel_removed, torch.randn_like(imgs) * 10, imgs)
+    assert torch.equal(model.encoder(altered, mask), latent)
+    assert torch.equal(model(altered, mask=mask)[1], pred)
+    other = torch.where(pixel_removed, imgs, imgs + 1.0)
+    assert not torch.allclose(model.encoder(other, mask), latent)
+
+
+def test_internimage_fcmae_converts_and_verifies():
+    model = fcmae.create_fcmae("internimage_t", decoder_dim=32)
+    randomize_(model, std=0.02)
+    dense_state, name = convert_state(model.state_dict())
+    assert name == "internimage_t" and not any(k.startswith(("conv_head", "head")) for k in dense_state)
+    assert verify(model.state_dict(), dense_state, name, input_size=64) < 1e-4
