@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import sys
 import time
 from contextlib import nullcontext
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,6 +45,20 @@ class ScheduleConfig:
     clip_grad: float | None = None
     amp: str = "none"
     steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (None: whole loader)
+
+
+def setup_run(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group (if any), pick this process' device, seed every RNG
+    (seed + rank). Returns (rank, world_size, device)."""
+    rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
+    device = torch.device(args.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+    seed = args.seed + rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return rank, world_size, device
 
 
 def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:

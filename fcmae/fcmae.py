@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .masking import check_mask_ratio, patch_grid, random_masks
 from .models.convnextv2 import Block
+from .models.layers import trunc_normal_init
 
 
 def patchify(imgs: Tensor, patch_size: int) -> Tensor:
@@ -39,7 +40,7 @@ class FCMAE(nn.Module):
         self.decoder = nn.Sequential(*[Block(decoder_dim) for _ in range(decoder_depth)])
         self.pred = nn.Conv2d(decoder_dim, self.patch_size ** 2 * in_chans, kernel_size=1)
         for module in (self.proj, self.decoder, self.pred):
-            module.apply(_init_decoder_weights)
+            module.apply(trunc_normal_init)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_decoder(self, latent: Tensor, mask: Tensor) -> Tensor:
@@ -73,10 +74,3 @@ class FCMAE(nn.Module):
         latent = self.encoder(imgs, mask)
         pred = self.forward_decoder(latent, mask)
         return self.forward_loss(imgs, pred, mask), pred, mask
-
-
-def _init_decoder_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)

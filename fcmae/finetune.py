@@ -22,10 +22,9 @@ from . import checkpoint as ckpt
 from . import create_model, distributed
 from .convert import ENCODER_PREFIX, convert_state
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, find_images
-from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to
+from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, setup_run
 from .logger import RunLogger
 from .optim import layer_decay_param_groups, param_groups
-from .pretrain import seed_everything
 
 def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
     """``DATA/train`` and ``DATA/val`` ImageFolder trees with the same classes."""
@@ -105,11 +104,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str) -> dict[s
 
 def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     """Fine-tune (or linear-probe, or just evaluate); returns the last validation metrics."""
-    rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
-    device = torch.device(args.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-    seed_everything(args.seed + rank)
+    rank, world_size, device = setup_run(args)
     main = distributed.is_main_process()
     output_dir = Path(args.output_dir)
 

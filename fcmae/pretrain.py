@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -13,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
 from .data import DataError, build_pretrain_dataset
-from .engine import RunInfo, ScheduleConfig, fit, make_scaler
+from .engine import RunInfo, ScheduleConfig, fit, make_scaler, setup_run
 from .logger import RunLogger, reconstruction_grid
 from .masking import check_mask_ratio, patch_grid
 from .optim import param_groups
@@ -40,21 +38,11 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     """Pretrain as ``args`` says; returns (path of the last checkpoint, the trained FCMAE)."""
     resolve_recipe(args)
     validate(args)
-    rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
-    device = torch.device(args.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-    seed_everything(args.seed + rank)
+    rank, world_size, device = setup_run(args)
     main = distributed.is_main_process()
     output_dir = Path(args.output_dir)
     log_dir = Path(args.log_dir) if args.log_dir else output_dir

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import fcmae
+from fcmae import profiling
 from fcmae.convert import convert_state, verify
 from fcmae.masking import random_masks
 from fcmae.models.revcol import REVCOL_SIZES, RevCol
@@ -87,15 +88,8 @@ def test_drop_path_is_active_in_that_test():
 
 
 def saved_activation_bytes(model, imgs):
-    """Bytes the forward pass keeps for backward, counted with saved-tensor hooks."""
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = model.forward_features(imgs)
+    """Bytes the forward pass keeps for backward."""
+    total, out = profiling.saved_activation_bytes(lambda: model.forward_features(imgs))
     out.sum().backward()          # still works: the reversible path recomputes what it needs
     assert model.stem[0].weight.grad is not None
     return total

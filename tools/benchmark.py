@@ -121,8 +121,10 @@ def main(argv=None) -> None:
         variants = args.variants.split(",")
     elif args.model.startswith("revcol"):
         variants = ["dense", "masked", "masked-plain"]
-    else:
+    elif args.model.startswith("convnextv2"):
         variants = ["dense", "masked"] + [f"sparse-{name}" for name in sparse_ops.available_backends()]
+    else:  # encoders that run masked-dense (InternImage)
+        variants = ["dense", "masked"]
     context = mp.get_context("spawn")
     results = []
     for variant in variants:

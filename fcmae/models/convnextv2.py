@@ -17,7 +17,7 @@ import sparse_ops
 import sparse_ops.nn as snn
 
 from ..masking import patch_grid, upsample_mask
-from .layers import GRN, LayerNorm2d
+from .layers import GRN, LayerNorm2d, trunc_normal_init
 from .registry import register_model
 
 # name: (depths, dims)
@@ -40,13 +40,6 @@ def _drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> list[list[
     rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear 0 → rate
     starts = [sum(depths[:i]) for i in range(len(depths))]
     return [rates[start:start + depth] for start, depth in zip(starts, depths)]
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def _make_stem(in_chans: int, dim: int) -> nn.Sequential:
@@ -118,7 +111,7 @@ class ConvNeXtV2(nn.Module):
             for dim, rates in zip(dims, _drop_path_rates(depths, drop_path_rate)))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(trunc_normal_init)
         if num_classes > 0:
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
@@ -214,7 +207,7 @@ class SparseConvNeXtV2(nn.Module):
         self.stages = nn.ModuleList(
             nn.Sequential(*[SparseBlock(dim, rate, kernel_size, grn_batch_stats) for rate in rates])
             for dim, rates in zip(dims, _drop_path_rates(depths, drop_path_rate)))
-        self.apply(_init_weights)
+        self.apply(trunc_normal_init)
 
     def forward(self, imgs: Tensor, mask: Tensor) -> Tensor:
         grid = patch_grid(imgs.shape[-2:], self.patch_size)

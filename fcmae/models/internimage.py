@@ -20,7 +20,8 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ..masking import patch_grid, upsample_mask
-from .registry import register_model
+from .layers import trunc_normal_init
+from .registry import masked_dense_encoder, register_model
 
 # name: (channels C, depths, groups, layer_scale, post_norm, offset_scale)
 INTERNIMAGE_SIZES: dict[str, tuple] = {
@@ -240,7 +241,7 @@ class InternImage(nn.Module):
             self.conv_head = nn.Sequential(nn.Conv2d(self.num_features, hidden, 1, bias=False),
                                            nn.Sequential(nn.BatchNorm2d(hidden)), nn.GELU())
             self.head = nn.Linear(hidden, num_classes)
-        self.apply(_init_linear)
+        self.apply(partial(trunc_normal_init, types=(nn.Linear,)))  # convs: torch defaults
         for module in self.modules():
             if isinstance(module, DCNv3):
                 module.reset_parameters()
@@ -285,24 +286,11 @@ class InternImage(nn.Module):
         return sum(self.depths) + 1
 
 
-def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def _build_encoder(backend: str = "torch", **kwargs) -> InternImage:
-    """FCMAE encoder: masked InternImage without the classification head."""
-    kwargs.setdefault("num_classes", 0)
-    return InternImage(**kwargs)
-
-
 def _register_sizes() -> None:
     for size, (channels, depths, groups, layer_scale, post_norm, offset_scale) in INTERNIMAGE_SIZES.items():
         config = dict(channels=channels, depths=depths, groups=groups, layer_scale=layer_scale,
                       post_norm=post_norm, offset_scale=offset_scale)
-        register_model(f"internimage_{size}", partial(InternImage, **config), partial(_build_encoder, **config))
+        register_model(f"internimage_{size}", partial(InternImage, **config), partial(masked_dense_encoder, InternImage, **config))
 
 
 _register_sizes()

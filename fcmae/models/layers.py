@@ -34,3 +34,12 @@ class GRN(nn.Module):
         norms = torch.linalg.vector_norm(stats_input, dim=(1, 2), keepdim=True)   # (B, 1, 1, C)
         scale = norms / (norms.mean(dim=-1, keepdim=True) + self.eps)
         return torch.addcmul(self.beta + x, self.gamma, x * scale)
+
+
+def trunc_normal_init(module: nn.Module, types: tuple[type, ...] = (nn.Conv2d, nn.Linear)) -> None:
+    """The init every architecture here uses: weights trunc_normal(std .02), biases zero.
+    Use as ``model.apply(trunc_normal_init)``."""
+    if isinstance(module, types):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -41,3 +41,11 @@ def get_model_entry(name: str) -> ModelEntry:
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return _MODELS[name]
+
+
+def masked_dense_encoder(model_class: Callable[..., nn.Module], backend: str = "torch",
+                         **kwargs) -> nn.Module:
+    """FCMAE encoder for architectures that run masked-dense (re-masking after every spatial
+    op) rather than through ``sparse_ops``: the classifier without its head, called as
+    ``encoder(imgs, mask)``. ``backend`` is accepted for a uniform API and not used."""
+    return model_class(num_classes=0, **kwargs)

@@ -23,8 +23,8 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ..masking import patch_grid, upsample_mask
-from .layers import LayerNorm2d
-from .registry import register_model
+from .layers import LayerNorm2d, trunc_normal_init
+from .registry import masked_dense_encoder, register_model
 
 # name: (channels, blocks per level, columns, default drop path)
 REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int, float]] = {
@@ -247,7 +247,7 @@ class RevCol(nn.Module):
             self.cls = nn.Module()
             self.cls.classifier = nn.Sequential(nn.LayerNorm(channels[-1], eps=1e-6),
                                                 nn.Linear(channels[-1], num_classes))
-        self.apply(_init_weights)
+        self.apply(trunc_normal_init)
         if num_classes > 0:
             self.cls.classifier[1].weight.data.mul_(head_init_scale)
             self.cls.classifier[1].bias.data.mul_(head_init_scale)
@@ -289,23 +289,10 @@ class RevCol(nn.Module):
         return self.num_subnet + 1
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def _build_encoder(backend: str = "torch", **kwargs) -> RevCol:
-    """FCMAE encoder: masked-dense RevCol without classifier (``backend`` has no role here)."""
-    kwargs.setdefault("num_classes", 0)
-    return RevCol(**kwargs)
-
-
 def _register_sizes() -> None:
     for size, (channels, layers, columns, drop_path) in REVCOL_SIZES.items():
         config = dict(channels=channels, layers=layers, num_subnet=columns)
-        register_model(f"revcol_{size}", partial(RevCol, **config), partial(_build_encoder, **config))
+        register_model(f"revcol_{size}", partial(RevCol, **config), partial(masked_dense_encoder, RevCol, **config))
 
 
 _register_sizes()
