@@ -130,3 +130,17 @@ def test_layer_decay_groups_follow_official_ids():
     assert scales[id(params["downsample_layers.0.0.weight"])] == 0.5 ** 13
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert decay[id(params["stages.0.0.grn.gamma"])] == 0.0 and decay[id(params["head.weight"])] == 0.05
+
+
+@pytest.mark.parametrize("name", ["revcol_t", "internimage_t"])
+def test_other_encoder_families_fine_tune_from_fcmae_weights(name, labeled_folder, tmp_path):
+    model = fcmae.create_fcmae(name, decoder_dim=32)
+    dense, found = convert_state(model.state_dict())
+    assert found == name
+    atomic_save({"model": dense}, tmp_path / "dense.pth")
+    out = tmp_path / "ft"
+    assert run_cli(QUICK + ["--model", name, "--data-path", labeled_folder, "--finetune", tmp_path / "dense.pth",
+                            "--output-dir", out, "--epochs", "1", "--steps-per-epoch", "1",
+                            "--layer-decay", "0.8"]) == 0
+    trained = load_checkpoint(out / "checkpoint-last.pth")["model"]
+    assert set(dense) < set(trained)

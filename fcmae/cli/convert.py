@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     max_diff = None
     if args.verify:
         max_diff = verify(sparse_state, dense_state, model_name, args.format)
-        print(f"verify: max abs difference sparse vs dense = {max_diff:.3g} (tolerance {args.tolerance:g})")
+        print(f"verify: max abs difference encoder vs dense model = {max_diff:.3g} (tolerance {args.tolerance:g})")
         if max_diff > args.tolerance:
             print(f"fcmae-convert: error: verification failed ({max_diff:.3g} > {args.tolerance:g}); "
                   f"nothing written", file=sys.stderr)

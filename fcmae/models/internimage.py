@@ -224,7 +224,8 @@ class InternImage(nn.Module):
     def __init__(self, channels: int = 64, depths: Sequence[int] = (4, 4, 18, 4),
                  groups: Sequence[int] = (4, 8, 16, 32), layer_scale: float | None = None,
                  post_norm: bool = False, offset_scale: float = 1.0, num_classes: int = 1000,
-                 drop_path_rate: float = 0.0, cls_scale: float = 1.5, in_chans: int = 3) -> None:
+                 drop_path_rate: float = 0.0, cls_scale: float = 1.5, head_init_scale: float = 1.0,
+                 in_chans: int = 3) -> None:
         super().__init__()
         self.depths = tuple(depths)
         self.num_features = channels * 2 ** (len(depths) - 1)
@@ -245,6 +246,9 @@ class InternImage(nn.Module):
         for module in self.modules():
             if isinstance(module, DCNv3):
                 module.reset_parameters()
+        if num_classes > 0:
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
 
     def _keeps(self, x: Tensor, mask: Tensor | None) -> list[Tensor | None]:
         if mask is None:

@@ -47,13 +47,13 @@ class Block(nn.Module):
     """ConvNeXt (V1) block: dwconv 3×3 → LN → Linear 4C → GELU → Linear → ·gamma → DropPath, residual."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 3,
-                 layer_scale: float = 1e-6) -> None:
+                 layer_scale: float = 1e-6, expansion: int = 4) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv1 = nn.Linear(dim, expansion * dim)
         self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.pwconv2 = nn.Linear(expansion * dim, dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -222,16 +222,72 @@ class SubNet(nn.Module):
         return _column_forward(self.levels, self.alphas, x, [None] * 4 if self.first_column else prev, keeps)
 
 
+class Classifier(nn.Module):
+    """Global average pool → LayerNorm → Linear (keys ``classifier.0/1``)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.classifier = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(x.mean(dim=(-2, -1)))
+
+
+class Decoder(nn.Module):
+    """Intermediate-supervision decoder: c3 (stride 32) → 3×H×W reconstruction logits.
+
+    Three stages of 1×1 conv → LayerNorm → GELU → bilinear ×2 and a ConvNeXt block with
+    expansion 1, then a 1×1 conv to 48 channels and PixelShuffle(4).
+    """
+
+    def __init__(self, channels: Sequence[int], kernel_size: int = 3) -> None:
+        super().__init__()
+        dims = tuple(reversed(channels))
+        self.proj_layers = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dims[s], dims[s + 1], 1), LayerNorm2d(dims[s + 1], eps=1e-6), nn.GELU(),
+                          nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True))
+            for s in range(3))
+        self.normal_layers = nn.ModuleList(nn.Sequential(Block(dims[s + 1], kernel_size=kernel_size, expansion=1))
+                                           for s in range(3))
+        self.projback = nn.Sequential(nn.Conv2d(channels[0], 3 * STEM_STRIDE ** 2, 1),
+                                      nn.PixelShuffle(STEM_STRIDE))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for project, refine in zip(self.proj_layers, self.normal_layers):
+            x = refine(project(x))
+        return self.projback(x)
+
+
+def inter_supervision_loss(logits: Sequence[Tensor], reconstructions: Sequence[Tensor], imgs: Tensor,
+                           targets: Tensor, mean: Sequence[float], std: Sequence[float],
+                           recon_weight: float = 3.0, cls_weight: float = 0.7) -> Tensor:
+    """RevCol's training loss with intermediate supervision.
+
+    For head k < last: ``recon_weight·(1 − k/n)·BCE(recon_k, image) + cls_weight·(k+1)/(n+1)·CE(logits_k)``
+    with n = number of decoders (3) and the image de-normalised and clamped to [0.01, 0.99];
+    the last logits add plain cross-entropy. imgs (B, 3, H, W) normalised; targets (B,).
+    """
+    mean_t = torch.tensor(mean, device=imgs.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=imgs.device).view(1, 3, 1, 1)
+    pixels = (imgs * std_t + mean_t).clamp(0.01, 0.99)
+    count = len(reconstructions)
+    loss = F.cross_entropy(logits[-1], targets)
+    for k, recon in enumerate(reconstructions):
+        loss = loss + recon_weight * (1 - k / count) * F.binary_cross_entropy_with_logits(recon, pixels)
+        loss = loss + cls_weight * (k + 1) / (count + 1) * F.cross_entropy(logits[k], targets)
+    return loss
+
+
 class RevCol(nn.Module):
     """RevCol classifier (official key layout). ``forward_features(x, mask)`` is the
     masked-dense FCMAE encoder; ``reversible=True`` trains with constant activation memory."""
 
-    head_prefixes = ("cls.",)
+    head_prefixes = ("cls.", "cls_blocks.", "decoder_blocks.")
 
     def __init__(self, channels: Sequence[int] = (64, 128, 256, 512), layers: Sequence[int] = (2, 2, 4, 2),
                  num_subnet: int = 4, num_classes: int = 1000, drop_path_rate: float = 0.0,
                  kernel_size: int = 3, reversible: bool = True, head_init_scale: float = 1.0,
-                 in_chans: int = 3) -> None:
+                 inter_supv: bool = False, in_chans: int = 3) -> None:
         super().__init__()
         self.channels, self.layers, self.num_subnet = tuple(channels), tuple(layers), num_subnet
         self.reversible = reversible
@@ -243,14 +299,20 @@ class RevCol(nn.Module):
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         for k in range(num_subnet):
             setattr(self, f"subnet{k}", SubNet(channels, layers, k == 0, rates, kernel_size))
-        if num_classes > 0:
-            self.cls = nn.Module()
-            self.cls.classifier = nn.Sequential(nn.LayerNorm(channels[-1], eps=1e-6),
-                                                nn.Linear(channels[-1], num_classes))
+        self.inter_supv = inter_supv and num_classes > 0
+        if self.inter_supv:   # four heads after evenly spaced columns, decoders after the first three
+            if num_subnet % 4:
+                raise ValueError(f"intermediate supervision needs a multiple of 4 columns, got {num_subnet}")
+            self.cls_blocks = nn.ModuleList(Classifier(channels[-1], num_classes) for _ in range(4))
+            self.decoder_blocks = nn.ModuleList(Decoder(channels, kernel_size) for _ in range(3))
+            heads = [block.classifier[1] for block in self.cls_blocks]
+        elif num_classes > 0:
+            self.cls = Classifier(channels[-1], num_classes)
+            heads = [self.cls.classifier[1]]
         self.apply(trunc_normal_init)
-        if num_classes > 0:
-            self.cls.classifier[1].weight.data.mul_(head_init_scale)
-            self.cls.classifier[1].bias.data.mul_(head_init_scale)
+        for head in heads if num_classes > 0 else []:
+            head.weight.data.mul_(head_init_scale)
+            head.bias.data.mul_(head_init_scale)
 
     def _keeps(self, x: Tensor, mask: Tensor | None) -> Masks:
         if mask is None:
@@ -272,10 +334,27 @@ class RevCol(nn.Module):
         """(B, 3, H, W) → (B, c3, H/32, W/32); with ``mask`` (B, L), zero at removed patches."""
         return self.forward_columns(x, mask)[3]
 
+    def forward_inter(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """With ``inter_supv``: logits of the four heads and the three reconstructions
+        (B, 3, H, W), for :func:`inter_supervision_loss`."""
+        x = self.stem(x)
+        interval = self.num_subnet // 4
+        columns: list[Tensor | None] = [None] * 4
+        logits, reconstructions = [], []
+        for k in range(self.num_subnet):
+            columns = getattr(self, f"subnet{k}")(x, columns, (None,) * 4, self.reversible)
+            if (k + 1) % interval == 0:
+                logits.append(self.cls_blocks[k // interval](columns[3]))
+                if k != self.num_subnet - 1:
+                    reconstructions.append(self.decoder_blocks[k // interval](columns[3]))
+        return logits, reconstructions
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is not None:            # FCMAE encoder call: encoder(imgs, mask)
             return self.forward_features(x, mask)
-        return self.cls.classifier(self.forward_features(x).mean(dim=(-2, -1)))
+        if self.inter_supv:
+            return self.cls_blocks[-1](self.forward_features(x))
+        return self.cls(self.forward_features(x))
 
     def num_layers(self, decay_type: str = "single") -> int:
         return self.num_subnet
