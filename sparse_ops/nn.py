@@ -3,7 +3,7 @@ ConvNeXt-V2 FCMAE (MinkowskiEngine) checkpoints, whatever backend runs them."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import functional as SF
 from .tensor import SparseImage

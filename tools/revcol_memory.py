@@ -41,7 +41,7 @@ def main() -> None:
             model = RevCol(channels, layers, columns, num_classes=0, reversible=reversible).to(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            saved, out = saved_activation_bytes(lambda: model.forward_features(imgs, mask))
+            saved, out = saved_activation_bytes(lambda net=model: net.forward_features(imgs, mask))
             out.square().mean().backward()
             row[reversible] = saved / 2 ** 20
             if device.type == "cuda":

@@ -9,7 +9,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Sequence
 
-import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
