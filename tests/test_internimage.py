@@ -7,11 +7,11 @@ import torch.nn.functional as F
 import fcmae
 from fcmae.convert import convert_state, verify
 from fcmae.masking import random_masks
-from fcmae.models.internimage import INTERNIMAGE_SIZES, DCNv3, dcnv3_sample
+from fcmae.models.internimage import INTERNIMAGE_SIZES, DCNv3, InternImage, dcnv3_sample
 
 from .helpers import randomize_
 
-PUBLISHED_PARAMS_M = {"t": 29.92, "s": 50.08, "b": 97.46, "l": 223.33, "xl": 334.82}
+PUBLISHED_PARAMS_M = {"t": 29.92, "s": 50.08, "b": 97.46, "l": 223.33, "xl": 334.82, "h": 1089.6}
 
 
 @pytest.mark.parametrize("size", list(INTERNIMAGE_SIZES))
@@ -153,3 +153,53 @@ def test_internimage_fcmae_converts_and_verifies():
     dense_state, name = convert_state(model.state_dict())
     assert name == "internimage_t" and not any(k.startswith(("conv_head", "head")) for k in dense_state)
     assert verify(model.state_dict(), dense_state, name, input_size=64) < 1e-4
+
+
+def tiny_h_like(num_classes=7):
+    """InternImage with every H feature (dw 5×5, centre feature scale, residual post-norms,
+    level-2 post-norms, attention-pooling head) at toy width."""
+    return InternImage(channels=16, depths=(1, 1, 3, 1), groups=(2, 2, 4, 4), dw_kernel_size=5,
+                       res_post_norm=True, center_feature_scale=True, level2_post_norm_ids=(0, 1),
+                       clip_projector=True, num_classes=num_classes)
+
+
+def test_h_specific_keys_and_head():
+    with torch.device("meta"):
+        state = fcmae.create_model("internimage_h").state_dict()
+    expected = {"levels.0.blocks.0.dcn.center_feature_scale_proj_weight": (10, 320),
+                "levels.0.blocks.0.dcn.dw_conv.0.weight": (320, 1, 5, 5),
+                "levels.0.blocks.0.res_post_norm1.0.weight": (320,),
+                "levels.2.post_norms.4.0.weight": (1280,), "levels.3.norm.0.weight": (2560,),
+                "dcnv3_head_x4.0.weight": (4096, 2560, 1, 1), "dcnv3_head_x3.weight": (1024, 1280, 1, 1),
+                "clip_projector.cross_dcn.q_bias": (1024,), "clip_projector.cross_dcn.proj.weight": (768, 1024),
+                "fc_norm.0.weight": (768,), "head.weight": (1000, 768)}
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+    assert "levels.2.post_norms.5.0.weight" not in state and "conv_head.0.weight" not in state
+    model = randomize_(tiny_h_like(), std=0.05).eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_attention_pooling_matches_written_out_attention():
+    pool = randomize_(tiny_h_like().clip_projector, std=0.05)
+    tokens = torch.randn(2, 5, 1024)
+    attn = pool.cross_dcn
+    query = pool.norm1_q(tokens.mean(1, keepdim=True)) @ attn.q.weight.t() + attn.q_bias
+    keys = pool.norm1_k(tokens) @ attn.k.weight.t() + attn.k_bias
+    values = pool.norm1_v(tokens) @ attn.v.weight.t() + attn.v_bias
+    heads = []
+    for h in range(16):
+        part = slice(64 * h, 64 * (h + 1))
+        weights = (query[..., part] @ keys[..., part].transpose(1, 2) / 8.0).softmax(-1)
+        heads.append(weights @ values[..., part])
+    expected = attn.proj(torch.cat(heads, -1)).squeeze(1)
+    torch.testing.assert_close(pool(tokens), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_h_features_keep_removed_pixels_out():
+    encoder = randomize_(tiny_h_like(num_classes=0), std=0.05)
+    imgs = torch.randn(2, 3, 96, 96)
+    mask = random_masks(2, 9, 0.6)
+    latent = encoder(imgs, mask)
+    removed = mask.reshape(2, 1, 3, 3).bool().repeat_interleave(32, 2).repeat_interleave(32, 3)
+    assert torch.equal(encoder(torch.where(removed, torch.randn_like(imgs) * 10, imgs), mask), latent)

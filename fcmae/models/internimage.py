@@ -1,6 +1,7 @@
 """InternImage (Wang et al., CVPR 2023) with DCNv3 in pure PyTorch: dense classifier and
-masked FCMAE encoder. Sizes T–XL; state-dict keys follow the official classification
-checkpoints (``patch_embed``, ``levels.{i}.blocks.{j}.dcn.*``, ``conv_head``, ``head``).
+masked FCMAE encoder. Sizes T–XL and H; state-dict keys follow the official classification
+checkpoints (``patch_embed``, ``levels.{i}.blocks.{j}.dcn.*``, ``conv_head``/``head`` for
+T–XL, the attention-pooling ``clip_projector`` head for H).
 
 From the stem output on, tensors are channels-last (N, H, W, C).
 
@@ -23,13 +24,17 @@ from ..masking import patch_grid, upsample_mask
 from .layers import trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
-# name: (channels C, depths, groups, layer_scale, post_norm, offset_scale)
-INTERNIMAGE_SIZES: dict[str, tuple] = {
-    "t": (64, (4, 4, 18, 4), (4, 8, 16, 32), None, False, 1.0),
-    "s": (80, (4, 4, 21, 4), (5, 10, 20, 40), 1e-5, True, 1.0),
-    "b": (112, (4, 4, 21, 4), (7, 14, 28, 56), 1e-5, True, 1.0),
-    "l": (160, (5, 5, 22, 5), (10, 20, 40, 80), 1e-5, True, 2.0),
-    "xl": (192, (5, 5, 24, 5), (12, 24, 48, 96), 1e-5, True, 2.0),
+_H_EXTRAS = dict(dw_kernel_size=5, res_post_norm=True, center_feature_scale=True,
+                 level2_post_norm_ids=(5, 11, 17, 23, 29), clip_projector=True)
+INTERNIMAGE_SIZES: dict[str, dict] = {
+    "t": dict(channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32)),
+    "s": dict(channels=80, depths=(4, 4, 21, 4), groups=(5, 10, 20, 40), layer_scale=1e-5, post_norm=True),
+    "b": dict(channels=112, depths=(4, 4, 21, 4), groups=(7, 14, 28, 56), layer_scale=1e-5, post_norm=True),
+    "l": dict(channels=160, depths=(5, 5, 22, 5), groups=(10, 20, 40, 80), layer_scale=1e-5,
+              post_norm=True, offset_scale=2.0),
+    "xl": dict(channels=192, depths=(5, 5, 24, 5), groups=(12, 24, 48, 96), layer_scale=1e-5,
+               post_norm=True, offset_scale=2.0),
+    "h": dict(channels=320, depths=(6, 6, 32, 6), groups=(10, 20, 40, 80), **_H_EXTRAS),
 }
 STEM_STRIDE = 4
 
@@ -94,7 +99,7 @@ class DCNv3(nn.Module):
     deformable bilinear sampling of ``input_proj(x)``, then ``output_proj``."""
 
     def __init__(self, channels: int, groups: int, kernel_size: int = 3, dw_kernel_size: int = 3,
-                 offset_scale: float = 1.0) -> None:
+                 offset_scale: float = 1.0, center_feature_scale: bool = False) -> None:
         super().__init__()
         if channels % groups:
             raise ValueError(f"channels {channels} not divisible by groups {groups}")
@@ -107,6 +112,10 @@ class DCNv3(nn.Module):
         self.mask = nn.Linear(channels, groups * points)           # modulation (official name)
         self.input_proj = nn.Linear(channels, channels)
         self.output_proj = nn.Linear(channels, channels)
+        self.center_feature_scale = center_feature_scale
+        if center_feature_scale:   # H/G: blend the output with the centre value, per group
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(groups, channels))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(groups))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -127,6 +136,11 @@ class DCNv3(nn.Module):
         weight = self.mask(query).reshape(batch, height, width, self.groups, -1).softmax(-1)
         out = dcnv3_sample(value, offset, weight.flatten(3), self.groups, self.kernel_size,
                            self.offset_scale)
+        if self.center_feature_scale:
+            alpha = torch.sigmoid(F.linear(query, self.center_feature_scale_proj_weight,
+                                           self.center_feature_scale_proj_bias))      # (N, H, W, G)
+            alpha = alpha.repeat_interleave(out.shape[-1] // self.groups, dim=-1)
+            out = out * (1 - alpha) + value * alpha
         return self.output_proj(out)
 
 
@@ -143,14 +157,17 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm (T): x += DP(dcn(norm1(x))); x += DP(mlp(norm2(x))).
-    Post-norm with layer scale (S–XL): x += DP(gamma1·norm1(dcn(x))); likewise for the MLP."""
+    Post-norm with layer scale (S–XL): x += DP(gamma1·norm1(dcn(x))); likewise for the MLP.
+    Residual post-norm (H): x += DP(res_post_norm1(dcn(norm1(x)))); likewise for the MLP."""
 
-    def __init__(self, dim: int, groups: int, drop_path: float, layer_scale: float | None,
-                 post_norm: bool, offset_scale: float) -> None:
+    def __init__(self, dim: int, groups: int, drop_path: float, layer_scale: float | None = None,
+                 post_norm: bool = False, offset_scale: float = 1.0, dw_kernel_size: int = 3,
+                 res_post_norm: bool = False, center_feature_scale: bool = False) -> None:
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = _layer_norm(dim)
-        self.dcn = DCNv3(dim, groups, offset_scale=offset_scale)
+        self.dcn = DCNv3(dim, groups, offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
+                         center_feature_scale=center_feature_scale)
         self.norm2 = _layer_norm(dim)
         self.mlp = Mlp(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -158,16 +175,56 @@ class Block(nn.Module):
             self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale))
             self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale))
         self.layer_scale = layer_scale is not None
+        self.res_post_norm = res_post_norm
+        if res_post_norm:
+            self.res_post_norm1 = _layer_norm(dim)
+            self.res_post_norm2 = _layer_norm(dim)
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         if self.post_norm:
             branch = self.norm1(self.dcn(x, keep))
         else:
             branch = self.dcn(self.norm1(x), keep)
+            branch = self.res_post_norm1(branch) if self.res_post_norm else branch
         x = x + self.drop_path(self.gamma1 * branch if self.layer_scale else branch)
-        branch = self.norm2(self.mlp(x)) if self.post_norm else self.mlp(self.norm2(x))
+        if self.post_norm:
+            branch = self.norm2(self.mlp(x))
+        else:
+            branch = self.mlp(self.norm2(x))
+            branch = self.res_post_norm2(branch) if self.res_post_norm else branch
         x = x + self.drop_path(self.gamma2 * branch if self.layer_scale else branch)
         return _masked(x, keep)
+
+
+class AttentionPooling(nn.Module):
+    """Multi-head attention of the mean token over all tokens (the H/G ``clip_projector``).
+
+    Keys: ``norm1_{q,k,v}.0``, ``cross_dcn.{q,k,v}.weight`` (no Linear bias), separate
+    ``cross_dcn.{q,k,v}_bias``, ``cross_dcn.proj``. tokens (B, L, D) → (B, out_dim).
+    """
+
+    def __init__(self, dim: int, heads: int, out_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1_q, self.norm1_k, self.norm1_v = _layer_norm(dim), _layer_norm(dim), _layer_norm(dim)
+        self.cross_dcn = nn.Module()
+        for name in ("q", "k", "v"):
+            setattr(self.cross_dcn, name, nn.Linear(dim, dim, bias=False))
+            setattr(self.cross_dcn, f"{name}_bias", nn.Parameter(torch.zeros(dim)))
+        self.cross_dcn.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        attn = self.cross_dcn
+        query = self.norm1_q(tokens.mean(dim=1, keepdim=True))
+        q, k, v = (F.linear(source, getattr(attn, name).weight, getattr(attn, f"{name}_bias"))
+                   for name, source in (("q", query), ("k", self.norm1_k(tokens)), ("v", self.norm1_v(tokens))))
+        split = partial(_split_heads, heads=self.heads)
+        pooled = F.scaled_dot_product_attention(split(q), split(k), split(v))   # (B, heads, 1, d)
+        return attn.proj(pooled.transpose(1, 2).flatten(2)).squeeze(1)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
 class Downsample(nn.Module):
@@ -183,18 +240,24 @@ class Downsample(nn.Module):
 
 
 class Level(nn.Module):
-    def __init__(self, dim: int, depth: int, groups: int, drop_rates: Sequence[float],
-                 layer_scale: float | None, post_norm: bool, offset_scale: float, downsample: bool) -> None:
+    def __init__(self, dim: int, groups: int, drop_rates: Sequence[float], downsample: bool,
+                 post_norm_ids: Sequence[int] = (), **block_options) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, groups, rate, layer_scale, post_norm, offset_scale)
-                                    for rate in drop_rates)
-        self.norm = None if post_norm else _layer_norm(dim)
+        self.blocks = nn.ModuleList(Block(dim, groups, rate, **block_options) for rate in drop_rates)
+        post_norm = block_options.get("post_norm", False)
+        center_feature_scale = block_options.get("center_feature_scale", False)
+        self.norm = _layer_norm(dim) if not post_norm or center_feature_scale else None
+        self.post_norm_ids = tuple(post_norm_ids)
+        if post_norm_ids:                     # H/G level 2: extra LayerNorms after some blocks
+            self.post_norms = nn.ModuleList(_layer_norm(dim) for _ in post_norm_ids)
         self.downsample = Downsample(dim) if downsample else None
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """→ (this level's output, input of the next level)."""
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             x = block(x, keep)
+            if index in self.post_norm_ids:
+                x = _masked(self.post_norms[self.post_norm_ids.index(index)](x), keep)
         if self.norm is not None:
             x = _masked(self.norm(x), keep)
         return x, (self.downsample(x) if self.downsample is not None else x)
@@ -219,12 +282,14 @@ class InternImage(nn.Module):
     """InternImage T–XL classifier (official key layout); ``forward_features(x, mask)``
     with a patch mask is the masked FCMAE encoder."""
 
-    head_prefixes = ("conv_head.", "head.")
+    head_prefixes = ("conv_head.", "head.", "dcnv3_head_x4.", "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
 
     def __init__(self, channels: int = 64, depths: Sequence[int] = (4, 4, 18, 4),
                  groups: Sequence[int] = (4, 8, 16, 32), layer_scale: float | None = None,
                  post_norm: bool = False, offset_scale: float = 1.0, num_classes: int = 1000,
                  drop_path_rate: float = 0.0, cls_scale: float = 1.5, head_init_scale: float = 1.0,
+                 dw_kernel_size: int = 3, res_post_norm: bool = False, center_feature_scale: bool = False,
+                 level2_post_norm_ids: Sequence[int] = (), clip_projector: bool = False,
                  in_chans: int = 3) -> None:
         super().__init__()
         self.depths = tuple(depths)
@@ -233,11 +298,18 @@ class InternImage(nn.Module):
         self.patch_embed = StemEmbed(in_chans, channels)
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        block_options = dict(layer_scale=layer_scale, post_norm=post_norm, offset_scale=offset_scale,
+                             dw_kernel_size=dw_kernel_size, res_post_norm=res_post_norm,
+                             center_feature_scale=center_feature_scale)
         self.levels = nn.ModuleList(
-            Level(channels * 2 ** i, depth, groups[i], rates[sum(depths[:i]):sum(depths[:i + 1])],
-                  layer_scale, post_norm, offset_scale, downsample=i < len(depths) - 1)
-            for i, depth in enumerate(depths))
-        if num_classes > 0:
+            Level(channels * 2 ** i, groups[i], rates[sum(depths[:i]):sum(depths[:i + 1])],
+                  downsample=i < len(depths) - 1, post_norm_ids=level2_post_norm_ids if i == 2 else (),
+                  **block_options)
+            for i in range(len(depths)))
+        self.clip_projector_head = clip_projector and num_classes > 0
+        if self.clip_projector_head:
+            self._build_clip_head(num_classes)
+        elif num_classes > 0:
             hidden = int(self.num_features * cls_scale)
             self.conv_head = nn.Sequential(nn.Conv2d(self.num_features, hidden, 1, bias=False),
                                            nn.Sequential(nn.BatchNorm2d(hidden)), nn.GELU())
@@ -250,6 +322,16 @@ class InternImage(nn.Module):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
 
+    def _build_clip_head(self, num_classes: int, embed_dim: int = 1024, clip_dim: int = 768,
+                         heads: int = 16) -> None:
+        """H/G head: stride-32 and stride-16 outputs → 1024-d tokens at stride 16 → attention
+        pooling (query = mean token) → 768-d → LayerNorm → Linear."""
+        self.dcnv3_head_x4 = nn.Sequential(nn.Conv2d(self.num_features, embed_dim * 4, 1), nn.PixelShuffle(2))
+        self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, embed_dim, 1)
+        self.clip_projector = AttentionPooling(embed_dim, heads, clip_dim)
+        self.fc_norm = _layer_norm(clip_dim)
+        self.head = nn.Linear(clip_dim, num_classes)
+
     def _keeps(self, x: Tensor, mask: Tensor | None) -> list[Tensor | None]:
         if mask is None:
             return [None] * len(self.levels)
@@ -257,20 +339,33 @@ class InternImage(nn.Module):
         return [1.0 - upsample_mask(mask, grid, self.patch_size // (STEM_STRIDE * 2 ** i))
                 .unsqueeze(-1).type_as(x) for i in range(len(self.levels))]
 
-    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(B, 3, H, W) → (B, 8C, H/32, W/32); with ``mask`` (B, L) zero at removed patches."""
+    def forward_levels(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """(B, 3, H, W) → every level's output (B, H_i, W_i, C_i) (after its norm, before its
+        downsample); with ``mask`` (B, L) zero at removed patches."""
         keeps = self._keeps(x, mask)
         if mask is not None:   # the stem reads 3 px across patch borders: zero removed pixels first
             x = x * keeps[0].permute(0, 3, 1, 2).repeat_interleave(STEM_STRIDE, 2) \
                 .repeat_interleave(STEM_STRIDE, 3)
         x = _masked(self.patch_embed(x), keeps[0])
+        outputs = []
         for level, keep in zip(self.levels, keeps):
             out, x = level(x, keep)
-        return out.permute(0, 3, 1, 2)
+            outputs.append(out)
+        return outputs
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) → (B, 8C, H/32, W/32); with ``mask`` (B, L) zero at removed patches."""
+        return self.forward_levels(x, mask)[-1].permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is not None:            # FCMAE encoder call: encoder(imgs, mask)
             return self.forward_features(x, mask)
+        if self.clip_projector_head:
+            levels = self.forward_levels(x)
+            tokens = self.dcnv3_head_x4(levels[3].permute(0, 3, 1, 2)) \
+                + self.dcnv3_head_x3(levels[2].permute(0, 3, 1, 2))            # (B, 1024, H/16, W/16)
+            pooled = self.clip_projector(tokens.flatten(2).transpose(1, 2))
+            return self.head(self.fc_norm(pooled))
         features = self.conv_head(self.forward_features(x))
         return self.head(features.mean(dim=(-2, -1)))
 
@@ -291,10 +386,9 @@ class InternImage(nn.Module):
 
 
 def _register_sizes() -> None:
-    for size, (channels, depths, groups, layer_scale, post_norm, offset_scale) in INTERNIMAGE_SIZES.items():
-        config = dict(channels=channels, depths=depths, groups=groups, layer_scale=layer_scale,
-                      post_norm=post_norm, offset_scale=offset_scale)
-        register_model(f"internimage_{size}", partial(InternImage, **config), partial(masked_dense_encoder, InternImage, **config))
+    for size, config in INTERNIMAGE_SIZES.items():
+        register_model(f"internimage_{size}", partial(InternImage, **config),
+                       partial(masked_dense_encoder, InternImage, **config))
 
 
 _register_sizes()
