@@ -155,12 +155,12 @@ def test_internimage_fcmae_converts_and_verifies():
     assert verify(model.state_dict(), dense_state, name, input_size=64) < 1e-4
 
 
-def tiny_h_like(num_classes=7):
+def tiny_h_like(num_classes=7, **kwargs):
     """InternImage with every H feature (dw 5×5, centre feature scale, residual post-norms,
     level-2 post-norms, attention-pooling head) at toy width."""
     return InternImage(channels=16, depths=(1, 1, 3, 1), groups=(2, 2, 4, 4), dw_kernel_size=5,
                        res_post_norm=True, center_feature_scale=True, level2_post_norm_ids=(0, 1),
-                       clip_projector=True, num_classes=num_classes)
+                       clip_projector=True, num_classes=num_classes, **kwargs)
 
 
 def test_h_specific_keys_and_head():
@@ -203,3 +203,36 @@ def test_h_features_keep_removed_pixels_out():
     latent = encoder(imgs, mask)
     removed = mask.reshape(2, 1, 3, 3).bool().repeat_interleave(32, 2).repeat_interleave(32, 3)
     assert torch.equal(encoder(torch.where(removed, torch.randn_like(imgs) * 10, imgs), mask), latent)
+
+
+@pytest.mark.parametrize("build", [lambda **kw: fcmae.create_encoder("internimage_t", **kw),
+                                   lambda **kw: tiny_h_like(num_classes=0, **kw)], ids=["t", "h-like"])
+def test_packed_visible_sites_equal_masked_dense_outputs_and_gradients(build):
+    torch.manual_seed(0)
+    packed = randomize_(build(), std=0.05)
+    masked = build(packed_masked=False)
+    masked.load_state_dict(packed.state_dict())
+    imgs = torch.randn(2, 3, 96, 96)
+    mask = random_masks(2, 9, 0.6)
+    out_packed, out_masked = packed(imgs, mask), masked(imgs, mask)
+    torch.testing.assert_close(out_packed, out_masked, atol=1e-4, rtol=1e-4)
+    probe = torch.randn_like(out_packed)
+    (out_packed * probe).sum().backward()
+    (out_masked * probe).sum().backward()
+    masked_params = dict(masked.named_parameters())
+    for name, param in packed.named_parameters():
+        ref = masked_params[name].grad
+        scale = ref.abs().max().clamp(min=1e-6)
+        assert (param.grad - ref).abs().max() / scale < 1e-3, name
+
+
+def test_sampling_at_query_sites_equals_full_map_sampling():
+    value = torch.randn(2, 5, 6, 8)
+    offset = torch.randn(2, 5, 6, 2 * 9 * 2)
+    weight = torch.rand(2, 5, 6, 2 * 9)
+    full = dcnv3_sample(value, offset, weight, groups=2)
+    query_yx = torch.tensor([[[0, 0], [2, 3], [4, 5]], [[1, 1], [3, 0], [4, 4]]])
+    rows = torch.arange(2)[:, None]
+    picked = dcnv3_sample(value, offset[rows, query_yx[..., 0], query_yx[..., 1]],
+                          weight[rows, query_yx[..., 0], query_yx[..., 1]], groups=2, query_yx=query_yx)
+    torch.testing.assert_close(picked, full[rows, query_yx[..., 0], query_yx[..., 1]])

@@ -10,7 +10,8 @@ model size, batch, masks and settings, and the table prints the ratios side by s
 Variants: ``dense`` (no mask, the fine-tuning network), ``masked`` (dense network that
 re-applies the mask after every spatial op, the JAX-style reference), ``sparse-<backend>``
 for every installed ``sparse_ops`` backend. For RevCol (``revcol_*``, reversible by default)
-``masked-plain`` is the masked encoder with ordinary autograd, to compare memory.
+``masked-plain`` is the masked encoder with ordinary autograd, to compare memory. For
+InternImage ``packed`` runs pointwise layers on visible sites only (its FCMAE default).
 Peak memory is ``torch.cuda.max_memory_allocated``
 on GPU and the growth of the process' peak RSS over its idle RSS on CPU.
 """
@@ -73,7 +74,9 @@ def build_step(variant: str, args: argparse.Namespace):
         model = fcmae.create_encoder(args.model, backend=variant.split("-", 1)[1]).to(device)
         forward = model
     else:
-        extra = {"reversible": False} if variant == "masked-plain" else {}
+        extra = {"masked-plain": {"reversible": False},
+                 "masked": {"packed_masked": False} if args.model.startswith("internimage") else {},
+                 }.get(variant, {})
         model = fcmae.create_model(args.model, num_classes=0, **extra).to(device)
         if not args.no_channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -123,8 +126,8 @@ def main(argv=None) -> None:
         variants = ["dense", "masked", "masked-plain"]
     elif args.model.startswith("convnextv2"):
         variants = ["dense", "masked"] + [f"sparse-{name}" for name in sparse_ops.available_backends()]
-    else:  # encoders that run masked-dense (InternImage)
-        variants = ["dense", "masked"]
+    else:  # InternImage: masked-dense vs visible sites packed
+        variants = ["dense", "masked", "packed"]
     context = mp.get_context("spawn")
     results = []
     for variant in variants:

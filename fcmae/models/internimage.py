@@ -8,7 +8,12 @@ From the stem output on, tensors are channels-last (N, H, W, C).
 Masked (FCMAE) mode: the image is zeroed at removed patches before the (not patch-local)
 stem, and every spatial op reads maps that are zero at removed sites — the stem output,
 each DCNv3's depthwise-conv input and its sampled values ``v``, each block output and each
-downsample input are re-masked — so nothing from a removed patch reaches a visible site.
+downsample input — so nothing from a removed patch reaches a visible site. By default the
+features of visible sites are kept packed (B, n, C) (:class:`PackedGrid`): projections,
+offset/modulation heads, MLPs and norms run on visible sites only, and the spatial ops
+(depthwise conv, deformable sampling at the visible queries, downsampling) scatter into a
+zero map. ``packed_masked=False`` computes every site and re-masks (:class:`DenseGrid`);
+both give the same numbers.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
+
+from sparse_ops import ActiveSites
 
 from ..masking import patch_grid, upsample_mask
 from .layers import trunc_normal_init
@@ -63,35 +70,82 @@ def _layer_norm(dim: int, first_in: bool = False, first_out: bool = False) -> nn
 
 
 def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, kernel_size: int = 3,
-                 offset_scale: float = 1.0) -> Tensor:
+                 offset_scale: float = 1.0, query_yx: Tensor | None = None) -> Tensor:
     """Deformable sampling of DCNv3 (stride 1, dilation 1, 'same' padding).
 
-    value (N, H, W, C); offset (N, H, W, G·P·2) ordered [group][point][dx, dy];
-    weight (N, H, W, G·P) modulation (already softmaxed) → (N, H, W, C).
+    value (B, H, W, C) is the map sampled from. Queries are every site (``query_yx`` None;
+    offset (B, H, W, G·P·2), weight (B, H, W, G·P) → (B, H, W, C)) or Q sites per image
+    (``query_yx`` (B, Q, 2) as (y, x); offset (B, Q, G·P·2), weight (B, Q, G·P) → (B, Q, C)).
+    Offsets are ordered [group][point][dx, dy]; weights are the softmaxed modulation.
     Point p = i·k + j sits at (x, y) = (i − k//2, j − k//2) on the base grid, scaled by
     ``offset_scale`` together with the learned offset. Corners outside the map read zero.
     """
     batch, height, width, channels = value.shape
     points = kernel_size * kernel_size
     group_channels = channels // groups
+    out_shape = (*offset.shape[:-1], channels)
+    if query_yx is None:
+        ys, xs = torch.meshgrid(torch.arange(height, device=value.device),
+                                torch.arange(width, device=value.device), indexing="ij")
+        query_yx = torch.stack([ys, xs], -1).reshape(1, height * width, 2).expand(batch, -1, -1)
+    queries = query_yx.shape[1]
     steps = torch.arange(kernel_size, device=value.device, dtype=value.dtype) - kernel_size // 2
     grid_dx = steps.repeat_interleave(kernel_size)                 # i (x) outer
     grid_dy = steps.repeat(kernel_size)                            # j (y) inner
-    offset = offset.reshape(batch, height, width, groups, points, 2)
-    ys = torch.arange(height, device=value.device, dtype=value.dtype).view(1, height, 1, 1, 1)
-    xs = torch.arange(width, device=value.device, dtype=value.dtype).view(1, 1, width, 1, 1)
-    sample_x = xs + (grid_dx + offset[..., 0]) * offset_scale     # (N, H, W, G, P) pixels
-    sample_y = ys + (grid_dy + offset[..., 1]) * offset_scale
+    offset = offset.reshape(batch, queries, groups, points, 2)
+    query_yx = query_yx.to(value.dtype).view(batch, queries, 1, 1, 2)
+    sample_x = query_yx[..., 1] + (grid_dx + offset[..., 0]) * offset_scale   # (B, Q, G, P) pixels
+    sample_y = query_yx[..., 0] + (grid_dy + offset[..., 1]) * offset_scale
     grid = torch.stack([(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], dim=-1)
-    grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(batch * groups, height * width, points, 2)
+    grid = grid.transpose(1, 2).reshape(batch * groups, queries, points, 2)
     per_group = (value.reshape(batch, height * width, groups, group_channels)
                  .permute(0, 2, 3, 1).reshape(batch * groups, group_channels, height, width))
     sampled = F.grid_sample(per_group, grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=False)                   # (N·G, Cg, H·W, P)
-    weight = weight.reshape(batch, height * width, groups, points).permute(0, 2, 1, 3)
-    out = (sampled * weight.reshape(batch * groups, 1, height * width, points)).sum(-1)
-    return out.reshape(batch, groups, group_channels, height, width).permute(0, 3, 4, 1, 2) \
-              .reshape(batch, height, width, channels)
+                            align_corners=False)                   # (B·G, Cg, Q, P)
+    weight = weight.reshape(batch, queries, groups, points).transpose(1, 2)
+    out = (sampled * weight.reshape(batch * groups, 1, queries, points)).sum(-1)   # (B·G, Cg, Q)
+    return out.reshape(batch, channels, queries).transpose(1, 2).reshape(out_shape)
+
+
+class DenseGrid:
+    """Features as a (B, H, W, C) map; with ``keep`` (B, H, W, 1) the masked-dense mode,
+    where every map handed to a spatial op is re-masked."""
+
+    def __init__(self, keep: Tensor | None = None) -> None:
+        self.keep = keep
+        self.query_yx = None                                   # every site is a query
+
+    def to_map(self, features: Tensor) -> Tensor:
+        return _masked(features, self.keep)
+
+    def from_map(self, grid_map: Tensor) -> Tensor:
+        return grid_map
+
+    def mask(self, features: Tensor) -> Tensor:
+        return _masked(features, self.keep)
+
+
+class PackedGrid:
+    """Features of the visible sites only, packed (B, n, C) (every image keeps n sites, as
+    FCMAE guarantees): pointwise layers touch visible sites alone; spatial ops scatter into
+    a zero map and gather back."""
+
+    def __init__(self, sites: ActiveSites) -> None:
+        self.sites = sites
+        self.batch_size, self.count = sites.batch_size, sites.max_count
+        self.query_yx = sites.coords[:, 1:].reshape(self.batch_size, self.count, 2)
+
+    def to_map(self, features: Tensor) -> Tensor:
+        return self.sites.scatter_dense(features.reshape(-1, features.shape[-1]))
+
+    def from_map(self, grid_map: Tensor) -> Tensor:
+        return self.sites.gather_dense(grid_map).reshape(self.batch_size, self.count, -1)
+
+    def mask(self, features: Tensor) -> Tensor:
+        return features
+
+
+Grid = DenseGrid | PackedGrid
 
 
 class DCNv3(nn.Module):
@@ -127,20 +181,22 @@ class DCNv3(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        """x (N, H, W, C); keep (N, H, W, 1) or None → (N, H, W, C)."""
-        batch, height, width, _ = x.shape
-        value = _masked(self.input_proj(x), keep)
-        query = self.dw_conv(_masked(x, keep).permute(0, 3, 1, 2))         # (N, H, W, C)
+    def forward(self, x: Tensor, grid: Grid | None = None) -> Tensor:
+        """x: features laid out as ``grid`` says ((B, H, W, C) map or packed (B, n, C))."""
+        grid = grid or DenseGrid()
+        value = self.input_proj(x)
+        value_map = grid.to_map(value)                                        # zero where removed
+        conv, norm, act = self.dw_conv
+        query = act(norm[1](grid.from_map(conv(grid.to_map(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))))
         offset = self.offset(query)
-        weight = self.mask(query).reshape(batch, height, width, self.groups, -1).softmax(-1)
-        out = dcnv3_sample(value, offset, weight.flatten(3), self.groups, self.kernel_size,
-                           self.offset_scale)
+        weight = self.mask(query).unflatten(-1, (self.groups, -1)).softmax(-1).flatten(-2)
+        out = dcnv3_sample(value_map, offset, weight, self.groups, self.kernel_size,
+                           self.offset_scale, grid.query_yx)
         if self.center_feature_scale:
             alpha = torch.sigmoid(F.linear(query, self.center_feature_scale_proj_weight,
                                            self.center_feature_scale_proj_bias))      # (N, H, W, G)
             alpha = alpha.repeat_interleave(out.shape[-1] // self.groups, dim=-1)
-            out = out * (1 - alpha) + value * alpha
+            out = out * (1 - alpha) + grid.mask(value) * alpha
         return self.output_proj(out)
 
 
@@ -180,11 +236,11 @@ class Block(nn.Module):
             self.res_post_norm1 = _layer_norm(dim)
             self.res_post_norm2 = _layer_norm(dim)
 
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, grid: Grid) -> Tensor:
         if self.post_norm:
-            branch = self.norm1(self.dcn(x, keep))
+            branch = self.norm1(self.dcn(x, grid))
         else:
-            branch = self.dcn(self.norm1(x), keep)
+            branch = self.dcn(self.norm1(x), grid)
             branch = self.res_post_norm1(branch) if self.res_post_norm else branch
         x = x + self.drop_path(self.gamma1 * branch if self.layer_scale else branch)
         if self.post_norm:
@@ -193,7 +249,7 @@ class Block(nn.Module):
             branch = self.mlp(self.norm2(x))
             branch = self.res_post_norm2(branch) if self.res_post_norm else branch
         x = x + self.drop_path(self.gamma2 * branch if self.layer_scale else branch)
-        return _masked(x, keep)
+        return grid.mask(x)
 
 
 class AttentionPooling(nn.Module):
@@ -235,8 +291,10 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, bias=False)
         self.norm = _layer_norm(2 * dim, first_in=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)))
+    def forward(self, x: Tensor, grid: Grid, next_grid: Grid) -> Tensor:
+        """Reads ``grid``'s zero-filled map; returns features laid out as ``next_grid``."""
+        coarse = self.conv(grid.to_map(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.norm[1](next_grid.from_map(coarse))
 
 
 class Level(nn.Module):
@@ -252,15 +310,15 @@ class Level(nn.Module):
             self.post_norms = nn.ModuleList(_layer_norm(dim) for _ in post_norm_ids)
         self.downsample = Downsample(dim) if downsample else None
 
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """→ (this level's output, input of the next level)."""
+    def forward(self, x: Tensor, grid: Grid, next_grid: Grid | None = None) -> tuple[Tensor, Tensor]:
+        """→ (this level's output, input of the next level laid out as ``next_grid``)."""
         for index, block in enumerate(self.blocks):
-            x = block(x, keep)
+            x = block(x, grid)
             if index in self.post_norm_ids:
-                x = _masked(self.post_norms[self.post_norm_ids.index(index)](x), keep)
+                x = grid.mask(self.post_norms[self.post_norm_ids.index(index)](x))
         if self.norm is not None:
-            x = _masked(self.norm(x), keep)
-        return x, (self.downsample(x) if self.downsample is not None else x)
+            x = grid.mask(self.norm(x))
+        return x, (self.downsample(x, grid, next_grid) if self.downsample is not None else x)
 
 
 class StemEmbed(nn.Module):
@@ -290,8 +348,9 @@ class InternImage(nn.Module):
                  drop_path_rate: float = 0.0, cls_scale: float = 1.5, head_init_scale: float = 1.0,
                  dw_kernel_size: int = 3, res_post_norm: bool = False, center_feature_scale: bool = False,
                  level2_post_norm_ids: Sequence[int] = (), clip_projector: bool = False,
-                 in_chans: int = 3) -> None:
+                 packed_masked: bool = True, in_chans: int = 3) -> None:
         super().__init__()
+        self.packed_masked = packed_masked
         self.depths = tuple(depths)
         self.num_features = channels * 2 ** (len(depths) - 1)
         self.patch_size = STEM_STRIDE * 2 ** (len(depths) - 1)
@@ -339,18 +398,27 @@ class InternImage(nn.Module):
         return [1.0 - upsample_mask(mask, grid, self.patch_size // (STEM_STRIDE * 2 ** i))
                 .unsqueeze(-1).type_as(x) for i in range(len(self.levels))]
 
+    def _grids(self, x: Tensor, mask: Tensor | None) -> list[Grid]:
+        """Per level: plain dense, masked-dense, or packed visible sites (``packed_masked``
+        and every image keeping the same number of patches, as FCMAE masks do)."""
+        keeps = self._keeps(x, mask)
+        if mask is None or not self.packed_masked or not bool((mask.sum(1) == mask[0].sum()).all()):
+            return [DenseGrid(keep) for keep in keeps]
+        return [PackedGrid(ActiveSites.from_mask(keep[..., 0] > 0, STEM_STRIDE * 2 ** i))
+                for i, keep in enumerate(keeps)]
+
     def forward_levels(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """(B, 3, H, W) → every level's output (B, H_i, W_i, C_i) (after its norm, before its
         downsample); with ``mask`` (B, L) zero at removed patches."""
-        keeps = self._keeps(x, mask)
+        grids = self._grids(x, mask)
         if mask is not None:   # the stem reads 3 px across patch borders: zero removed pixels first
-            x = x * keeps[0].permute(0, 3, 1, 2).repeat_interleave(STEM_STRIDE, 2) \
-                .repeat_interleave(STEM_STRIDE, 3)
-        x = _masked(self.patch_embed(x), keeps[0])
+            keep = 1.0 - upsample_mask(mask, patch_grid(x.shape[-2:], self.patch_size), self.patch_size)
+            x = x * keep.unsqueeze(1).type_as(x)
+        x = grids[0].mask(grids[0].from_map(self.patch_embed(x)))
         outputs = []
-        for level, keep in zip(self.levels, keeps):
-            out, x = level(x, keep)
-            outputs.append(out)
+        for i, (level, grid) in enumerate(zip(self.levels, grids)):
+            out, x = level(x, grid, grids[i + 1] if i + 1 < len(grids) else None)
+            outputs.append(grid.to_map(out))
         return outputs
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
