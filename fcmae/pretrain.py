@@ -77,7 +77,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     if world_size > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, dynamic=False)  # FCMAE shapes repeat every step
 
     logger = RunLogger(log_dir, enabled=main)
     if main:
