@@ -15,3 +15,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-
     scale = expected.abs().max().clamp(min=1.0)
     diff = (actual - expected).abs().max()
     assert diff <= rtol * scale, f"max abs diff {diff:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def assert_no_leakage(model, imgs: torch.Tensor, mask: torch.Tensor) -> None:
+    """FCMAE ``model``: the latent is zero at removed patches, and changing the pixels of removed
+    patches changes neither the latent nor the prediction, while changing visible pixels does."""
+    patch = model.patch_size
+    grid = (imgs.shape[2] // patch, imgs.shape[3] // patch)
+    latent = model.encoder(imgs, mask)
+    _, pred, _ = model(imgs, mask=mask)
+    removed = mask.reshape(mask.shape[0], 1, *grid).bool()
+    assert bool((latent.masked_select(removed) == 0).all())
+    pixel_removed = removed.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    altered = torch.where(pixel_removed, torch.randn_like(imgs) * 10, imgs)
+    assert torch.equal(model.encoder(altered, mask), latent)
+    assert torch.equal(model(altered, mask=mask)[1], pred)
+    visible_changed = torch.where(pixel_removed, imgs, imgs + 1.0)
+    assert not torch.allclose(model.encoder(visible_changed, mask), latent)
