@@ -93,3 +93,16 @@ def test_backward_reaches_every_parameter():
     loss.backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert missing == []
+
+
+@pytest.mark.parametrize("name", ["convnextv2_atto", "revcol_t", "internimage_t"])
+def test_bf16_autocast_training_step_matches_fp32(name):
+    """The --amp bf16 path: every encoder family runs under autocast and stays close to fp32."""
+    model = randomize_(fcmae.create_fcmae(name, decoder_dim=32), std=0.02)
+    imgs, mask = torch.randn(2, 3, 64, 64), random_masks(2, 4, 0.5)
+    reference = model(imgs, mask=mask)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(imgs, mask=mask)[0]
+    loss.backward()
+    assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
