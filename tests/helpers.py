@@ -32,3 +32,13 @@ def assert_no_leakage(model, imgs: torch.Tensor, mask: torch.Tensor) -> None:
     assert torch.equal(model(altered, mask=mask)[1], pred)
     visible_changed = torch.where(pixel_removed, imgs, imgs + 1.0)
     assert not torch.allclose(model.encoder(visible_changed, mask), latent)
+
+
+def assert_param_count(name: str, expected_millions: float, tolerance: float = 0.01) -> None:
+    """The dense model ``name`` (built on the meta device, no memory) has within ``tolerance``
+    (relative) of ``expected_millions`` parameters."""
+    import fcmae
+    with torch.device("meta"):
+        model = fcmae.create_model(name)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params_m - expected_millions) / expected_millions < tolerance, f"{name}: {params_m:.2f}M"
