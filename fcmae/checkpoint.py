@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -135,5 +136,5 @@ def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler
         restore_rng_state(rng[rank])
     elif rng:
         print(f"warning: checkpoint has RNG states for {len(rng)} processes, this run has "
-              f"{world_size}; continuing with fresh random streams")
+              f"{world_size}; continuing with fresh random streams", file=sys.stderr)
     return int(checkpoint.get("epoch", -1)) + 1, int(checkpoint.get("step", 0))

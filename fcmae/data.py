@@ -98,8 +98,9 @@ class UnlabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.files) * self.repeats
 
-    def load(self, index: int) -> Image.Image:
-        with Image.open(self.files[index]) as image:
+    @staticmethod
+    def load(path: Path) -> Image.Image:
+        with Image.open(path) as image:
             return image.convert("RGB")
 
     def __getitem__(self, index: int) -> torch.Tensor:
@@ -107,7 +108,7 @@ class UnlabeledImages(Dataset):
         for attempt in range(len(self.files)):
             path = self.files[(index + attempt) % len(self.files)]
             try:
-                return self.transform(self.load((index + attempt) % len(self.files)))
+                return self.transform(self.load(path))
             except (OSError, UnidentifiedImageError, ValueError) as error:
                 with self._skipped.get_lock():
                     self._skipped.value += 1

@@ -140,12 +140,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     return {"loss": sum(losses) / len(losses)}, step
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP and/or torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)
-
 
 @dataclass
 class RunInfo:

@@ -56,9 +56,7 @@ def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
         raise ckpt.CheckpointError(f"{path} is in timm layout; convert with "
                                    f"'fcmae-convert --format official' for fine-tuning here")
     if any(key.startswith(ENCODER_PREFIX) for key in state):
-        state, found = convert_state(state)          # an FCMAE checkpoint: convert on the fly
-        if found != model_name:
-            raise ckpt.CheckpointError(f"{path} holds {found!r}, but this run builds {model_name!r}")
+        state, _ = convert_state(state, model_name)  # an FCMAE checkpoint: convert on the fly
     own, head = model.state_dict(), model.head_prefixes
     state = {k: v for k, v in state.items()
              if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
