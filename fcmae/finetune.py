@@ -24,6 +24,7 @@ from .convert import ENCODER_PREFIX, convert_state
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, find_images
 from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, setup_run
 from .logger import RunLogger
+from .models.internimage import dcn_options
 from .optim import layer_decay_param_groups, param_groups
 
 def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
@@ -119,7 +120,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
                             batch_size=args.batch_size, num_workers=args.num_workers)
 
     model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path,
-                         head_init_scale=args.head_init_scale)
+                         head_init_scale=args.head_init_scale, **dcn_options(args.model, args.dcn_impl))
     if args.finetune:
         load_pretrained(model, args.finetune, args.model)
     if args.linear_probe:

@@ -169,6 +169,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(image_folder, tmp_pa
     (["--model", "convnextv2_giant"], "unknown model 'convnextv2_giant'"),
     (["--backend", "nope"], "unknown sparse backend 'nope'"),
     (["--data-path", "/does/not/exist"], "is not a directory"),
+    (["--dcn-impl", "gather"], "--dcn-impl applies to InternImage models only"),
 ])
 def test_bad_input_is_one_line_error(extra, message, capsys):
     code = run_cli(QUICK + ["--epochs", "1", "--output-dir", "/tmp/unused-fcmae-out"] + extra)

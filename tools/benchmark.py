@@ -11,7 +11,9 @@ Variants: ``dense`` (no mask, the fine-tuning network), ``masked`` (dense networ
 re-applies the mask after every spatial op, the JAX-style reference), ``sparse-<backend>``
 for every installed ``sparse_ops`` backend. For RevCol (``revcol_*``, reversible by default)
 ``masked-plain`` is the masked encoder with ordinary autograd, to compare memory. For
-InternImage ``packed`` runs pointwise layers on visible sites only (its FCMAE default).
+InternImage ``packed`` runs pointwise layers on visible sites only (its FCMAE default);
+InternImage variants use the default ``grid_sample`` DCNv3 sampling, and a ``-gather``
+suffix (``dense-gather``, ``packed-gather``) swaps in the memory-lean ``gather`` one.
 Peak memory is ``torch.cuda.max_memory_allocated``
 on GPU and the growth of the process' peak RSS over its idle RSS on CPU.
 """
@@ -64,6 +66,16 @@ def current_rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def model_options(variant: str, model_name: str) -> dict:
+    """Constructor options of the dense-network ``variant`` of ``model_name``."""
+    if model_name.startswith("revcol"):
+        return {"reversible": False} if variant == "masked-plain" else {}
+    if model_name.startswith("internimage"):
+        layout, _, dcn_impl = variant.partition("-")
+        return {"packed_masked": layout != "masked", **({"dcn_impl": dcn_impl} if dcn_impl else {})}
+    return {}
+
+
 def build_step(variant: str, args: argparse.Namespace):
     """A closure running one forward+backward of the encoder for ``variant``."""
     device = torch.device(args.device)
@@ -74,15 +86,12 @@ def build_step(variant: str, args: argparse.Namespace):
         model = fcmae.create_encoder(args.model, backend=variant.split("-", 1)[1]).to(device)
         forward = model
     else:
-        extra = {"masked-plain": {"reversible": False},
-                 "masked": {"packed_masked": False} if args.model.startswith("internimage") else {},
-                 }.get(variant, {})
-        model = fcmae.create_model(args.model, num_classes=0, **extra).to(device)
+        model = fcmae.create_model(args.model, num_classes=0, **model_options(variant, args.model)).to(device)
         if not args.no_channels_last:
             model = model.to(memory_format=torch.channels_last)
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         forward = model.forward_features
-        if variant == "dense":
+        if variant.partition("-")[0] == "dense":
             mask = None
     if args.compile:
         forward = torch.compile(forward)
@@ -127,7 +136,7 @@ def main(argv=None) -> None:
     elif args.model.startswith("convnextv2"):
         variants = ["dense", "masked"] + [f"sparse-{name}" for name in sparse_ops.available_backends()]
     else:  # InternImage: masked-dense vs visible sites packed
-        variants = ["dense", "masked", "packed"]
+        variants = ["dense", "masked", "packed", "dense-gather", "packed-gather"]
     context = mp.get_context("spawn")
     results = []
     for variant in variants:

@@ -14,6 +14,9 @@ offset/modulation heads, MLPs and norms run on visible sites only, and the spati
 (depthwise conv, deformable sampling at the visible queries, downsampling) scatter into a
 zero map. ``packed_masked=False`` computes every site and re-masks (:class:`DenseGrid`);
 both give the same numbers.
+
+``dcn_impl`` picks the DCNv3 sampling implementation (``grid_sample`` or the memory-lean
+``gather``, see :mod:`fcmae.models.dcnv3_ops`); both give the same numbers.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from sparse_ops import ActiveSites
 
 from ..masking import patch_grid, upsample_mask
+from .dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, dcnv3_sample
 from .layers import trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
@@ -67,44 +71,6 @@ def _layer_norm(dim: int, first_in: bool = False, first_out: bool = False) -> nn
     if first_out:
         modules.append(ToChannelsFirst())
     return nn.Sequential(*modules)
-
-
-def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, kernel_size: int = 3,
-                 offset_scale: float = 1.0, query_yx: Tensor | None = None) -> Tensor:
-    """Deformable sampling of DCNv3 (stride 1, dilation 1, 'same' padding).
-
-    value (B, H, W, C) is the map sampled from. Queries are every site (``query_yx`` None;
-    offset (B, H, W, G·P·2), weight (B, H, W, G·P) → (B, H, W, C)) or Q sites per image
-    (``query_yx`` (B, Q, 2) as (y, x); offset (B, Q, G·P·2), weight (B, Q, G·P) → (B, Q, C)).
-    Offsets are ordered [group][point][dx, dy]; weights are the softmaxed modulation.
-    Point p = i·k + j sits at (x, y) = (i − k//2, j − k//2) on the base grid, scaled by
-    ``offset_scale`` together with the learned offset. Corners outside the map read zero.
-    """
-    batch, height, width, channels = value.shape
-    points = kernel_size * kernel_size
-    group_channels = channels // groups
-    out_shape = (*offset.shape[:-1], channels)
-    if query_yx is None:
-        ys, xs = torch.meshgrid(torch.arange(height, device=value.device),
-                                torch.arange(width, device=value.device), indexing="ij")
-        query_yx = torch.stack([ys, xs], -1).reshape(1, height * width, 2).expand(batch, -1, -1)
-    queries = query_yx.shape[1]
-    steps = torch.arange(kernel_size, device=value.device, dtype=value.dtype) - kernel_size // 2
-    grid_dx = steps.repeat_interleave(kernel_size)                 # i (x) outer
-    grid_dy = steps.repeat(kernel_size)                            # j (y) inner
-    offset = offset.reshape(batch, queries, groups, points, 2)
-    query_yx = query_yx.to(value.dtype).view(batch, queries, 1, 1, 2)
-    sample_x = query_yx[..., 1] + (grid_dx + offset[..., 0]) * offset_scale   # (B, Q, G, P) pixels
-    sample_y = query_yx[..., 0] + (grid_dy + offset[..., 1]) * offset_scale
-    grid = torch.stack([(2 * sample_x + 1) / width - 1, (2 * sample_y + 1) / height - 1], dim=-1)
-    grid = grid.transpose(1, 2).reshape(batch * groups, queries, points, 2)
-    per_group = (value.reshape(batch, height * width, groups, group_channels)
-                 .permute(0, 2, 3, 1).reshape(batch * groups, group_channels, height, width))
-    sampled = F.grid_sample(per_group, grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=False)                   # (B·G, Cg, Q, P)
-    weight = weight.reshape(batch, queries, groups, points).transpose(1, 2)
-    out = (sampled * weight.reshape(batch * groups, 1, queries, points)).sum(-1)   # (B·G, Cg, Q)
-    return out.reshape(batch, channels, queries).transpose(1, 2).reshape(out_shape)
 
 
 class DenseGrid:
@@ -153,11 +119,15 @@ class DCNv3(nn.Module):
     deformable bilinear sampling of ``input_proj(x)``, then ``output_proj``."""
 
     def __init__(self, channels: int, groups: int, kernel_size: int = 3, dw_kernel_size: int = 3,
-                 offset_scale: float = 1.0, center_feature_scale: bool = False) -> None:
+                 offset_scale: float = 1.0, center_feature_scale: bool = False,
+                 impl: str = DEFAULT_DCNV3_IMPL) -> None:
         super().__init__()
         if channels % groups:
             raise ValueError(f"channels {channels} not divisible by groups {groups}")
+        if impl not in DCNV3_IMPLS:
+            raise ValueError(f"unknown DCNv3 implementation {impl!r}; choose one of {DCNV3_IMPLS}")
         self.groups, self.kernel_size, self.offset_scale = groups, kernel_size, offset_scale
+        self.impl = impl
         points = kernel_size * kernel_size
         self.dw_conv = nn.Sequential(
             nn.Conv2d(channels, channels, dw_kernel_size, padding=dw_kernel_size // 2, groups=channels),
@@ -191,7 +161,7 @@ class DCNv3(nn.Module):
         offset = self.offset(query)
         weight = self.mask(query).unflatten(-1, (self.groups, -1)).softmax(-1).flatten(-2)
         out = dcnv3_sample(value_map, offset, weight, self.groups, self.kernel_size,
-                           self.offset_scale, grid.query_yx)
+                           self.offset_scale, grid.query_yx, impl=self.impl)
         if self.center_feature_scale:
             alpha = torch.sigmoid(F.linear(query, self.center_feature_scale_proj_weight,
                                            self.center_feature_scale_proj_bias))      # (N, H, W, G)
@@ -218,12 +188,13 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, groups: int, drop_path: float, layer_scale: float | None = None,
                  post_norm: bool = False, offset_scale: float = 1.0, dw_kernel_size: int = 3,
-                 res_post_norm: bool = False, center_feature_scale: bool = False) -> None:
+                 res_post_norm: bool = False, center_feature_scale: bool = False,
+                 dcn_impl: str = DEFAULT_DCNV3_IMPL) -> None:
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = _layer_norm(dim)
         self.dcn = DCNv3(dim, groups, offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
-                         center_feature_scale=center_feature_scale)
+                         center_feature_scale=center_feature_scale, impl=dcn_impl)
         self.norm2 = _layer_norm(dim)
         self.mlp = Mlp(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -348,7 +319,7 @@ class InternImage(nn.Module):
                  drop_path_rate: float = 0.0, cls_scale: float = 1.5, head_init_scale: float = 1.0,
                  dw_kernel_size: int = 3, res_post_norm: bool = False, center_feature_scale: bool = False,
                  level2_post_norm_ids: Sequence[int] = (), clip_projector: bool = False,
-                 packed_masked: bool = True, in_chans: int = 3) -> None:
+                 packed_masked: bool = True, dcn_impl: str = DEFAULT_DCNV3_IMPL, in_chans: int = 3) -> None:
         super().__init__()
         self.packed_masked = packed_masked
         self.depths = tuple(depths)
@@ -359,7 +330,7 @@ class InternImage(nn.Module):
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         block_options = dict(layer_scale=layer_scale, post_norm=post_norm, offset_scale=offset_scale,
                              dw_kernel_size=dw_kernel_size, res_post_norm=res_post_norm,
-                             center_feature_scale=center_feature_scale)
+                             center_feature_scale=center_feature_scale, dcn_impl=dcn_impl)
         self.levels = nn.ModuleList(
             Level(channels * 2 ** i, groups[i], rates[sum(depths[:i]):sum(depths[:i + 1])],
                   downsample=i < len(depths) - 1, post_norm_ids=level2_post_norm_ids if i == 2 else (),
@@ -451,6 +422,15 @@ class InternImage(nn.Module):
                 return sum(self.depths[:level]) + int(parts[3]) + 1
             return sum(self.depths[:level + 1])      # level norm / downsample: with its last block
         return sum(self.depths) + 1
+
+
+def dcn_options(model_name: str, dcn_impl: str | None) -> dict:
+    """Constructor kwargs for a ``--dcn-impl`` choice: none when unset; InternImage models only."""
+    if dcn_impl is None:
+        return {}
+    if not model_name.startswith("internimage"):
+        raise ValueError(f"--dcn-impl applies to InternImage models only, not {model_name}")
+    return {"dcn_impl": dcn_impl}
 
 
 def _register_sizes() -> None:

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""DCNv3 sampling implementations side by side: ``gather`` vs ``grid_sample``.
+
+For each InternImage level shape (InternImage-T widths and groups at the given batch and
+input size; every site a query, as in the dense network, or the visible 40 % with
+``--mask-ratio 0.6``) it reports forward+backward time, the activation bytes autograd keeps
+for backward, the speed of ``gather`` relative to ``grid_sample`` (above 1: faster) and the
+largest difference between the two implementations' outputs:
+
+    python tools/dcnv3_bench.py --batch-size 8 --input-size 224
+    python tools/dcnv3_bench.py --batch-size 64 --device cuda --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fcmae.models.dcnv3_ops import DCNV3_IMPLS, dcnv3_sample  # noqa: E402
+from fcmae.models.internimage import INTERNIMAGE_SIZES, STEM_STRIDE  # noqa: E402
+from fcmae.profiling import saved_activation_bytes  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def level_inputs(batch: int, size: int, channels: int, groups: int, keep_ratio: float,
+                 dtype: torch.dtype, device: torch.device):
+    """value (B, S, S, C), offset/weight for the queries, query_yx (B, Q, 2) or None."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    value = torch.randn(batch, size, size, channels, generator=generator, device=device)
+    queries = size * size if keep_ratio >= 1 else max(1, int(size * size * keep_ratio))
+    query_yx = None
+    if keep_ratio < 1:
+        order = torch.rand(batch, size * size, generator=generator, device=device).argsort(-1)[:, :queries]
+        query_yx = torch.stack([order // size, order % size], -1)
+    offset = torch.randn(batch, queries, groups * 18, generator=generator, device=device)
+    weight = torch.rand(batch, queries, groups * 9, generator=generator, device=device).softmax(-1)
+    leaves = [t.to(dtype).requires_grad_() for t in (value, offset, weight)]
+    return leaves, query_yx
+
+
+def time_step(run, device: torch.device, iters: int) -> float:
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    synchronize()
+    return (time.perf_counter() - start) / iters * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--mask-ratio", type=float, default=0.0, help="queries = visible sites only")
+    parser.add_argument("--size", default="t", choices=list(INTERNIMAGE_SIZES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    config = INTERNIMAGE_SIZES[args.size]
+    print(f"InternImage-{args.size.upper()} DCNv3 shapes, batch {args.batch_size}, {args.input_size}px, "
+          f"queries {100 * (1 - args.mask_ratio):.0f} %, {args.dtype}, {device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    print(f"{'level':>5}{'map':>10}{'G':>4}" + "".join(f"{impl + ' ms':>16}{'saved MiB':>11}" for impl in DCNV3_IMPLS)
+          + f"{'gather speed':>14}{'max |diff|':>12}")
+    for level in range(len(config["depths"])):
+        size = args.input_size // (STEM_STRIDE * 2 ** level)
+        channels, groups = config["channels"] * 2 ** level, config["groups"][level]
+        (value, offset, weight), query_yx = level_inputs(args.batch_size, size, channels, groups,
+                                                         1 - args.mask_ratio, dtype, device)
+        row, outputs = {}, {}
+        for impl in DCNV3_IMPLS:
+            def forward(impl=impl):
+                return dcnv3_sample(value, offset, weight, groups, query_yx=query_yx, impl=impl)
+            saved, outputs[impl] = saved_activation_bytes(forward)
+            row[impl] = (time_step(lambda: forward().float().square().mean().backward(), device, args.iters),
+                         saved / 2 ** 20)
+        diff = (outputs["gather"].float() - outputs["grid_sample"].float()).abs().max().item()
+        print(f"{level:>5}{f'{size}x{size}':>10}{groups:>4}"
+              + "".join(f"{row[impl][0]:>16.1f}{row[impl][1]:>11.1f}" for impl in DCNV3_IMPLS)
+              + f"{row['grid_sample'][0] / row['gather'][0]:>13.2f}x{diff:>12.2e}")
+
+
+if __name__ == "__main__":
+    main()
