@@ -12,8 +12,9 @@ re-applies the mask after every spatial op, the JAX-style reference), ``sparse-<
 for every installed ``sparse_ops`` backend. For RevCol (``revcol_*``, reversible by default)
 ``masked-plain`` is the masked encoder with ordinary autograd, to compare memory. For
 InternImage ``packed`` runs pointwise layers on visible sites only (its FCMAE default);
-InternImage variants use the default ``grid_sample`` DCNv3 sampling, and a ``-gather``
-suffix (``dense-gather``, ``packed-gather``) swaps in the memory-lean ``gather`` one.
+InternImage variants use the default ``grid_sample`` DCNv3 sampling; a ``-gather`` suffix
+(``dense-gather``, ``packed-gather``) swaps in the memory-lean ``gather`` one and, on CUDA,
+``-triton`` the fused Triton kernels.
 Peak memory is ``torch.cuda.max_memory_allocated``
 on GPU and the growth of the process' peak RSS over its idle RSS on CPU.
 """
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fcmae  # noqa: E402
 import sparse_ops  # noqa: E402
 from fcmae.masking import patch_grid, random_masks  # noqa: E402
+from fcmae.models.dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,7 +138,9 @@ def main(argv=None) -> None:
     elif args.model.startswith("convnextv2"):
         variants = ["dense", "masked"] + [f"sparse-{name}" for name in sparse_ops.available_backends()]
     else:  # InternImage: masked-dense vs visible sites packed
-        variants = ["dense", "masked", "packed", "dense-gather", "packed-gather"]
+        variants = ["dense", "masked", "packed"] + [
+            f"{layout}-{impl}" for impl in available_impls(torch.device(args.device).type)
+            if impl != DEFAULT_DCNV3_IMPL for layout in ("dense", "packed")]
     context = mp.get_context("spawn")
     results = []
     for variant in variants:

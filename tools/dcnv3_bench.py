@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""DCNv3 sampling implementations side by side: ``gather`` vs ``grid_sample``.
+"""DCNv3 sampling implementations side by side: ``grid_sample`` vs ``gather`` (and
+``triton`` on CUDA).
 
 For each InternImage level shape (InternImage-T widths and groups at the given batch and
 input size; every site a query, as in the dense network, or the visible 40 % with
 ``--mask-ratio 0.6``) it reports forward+backward time, the activation bytes autograd keeps
-for backward, the speed of ``gather`` relative to ``grid_sample`` (above 1: faster) and the
-largest difference between the two implementations' outputs:
+for backward, and for each other implementation its speed relative to ``grid_sample``
+(above 1: faster) and the largest difference from its output:
 
     python tools/dcnv3_bench.py --batch-size 8 --input-size 224
     python tools/dcnv3_bench.py --batch-size 64 --device cuda --dtype bf16
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fcmae.models.dcnv3_ops import DCNV3_IMPLS, dcnv3_sample  # noqa: E402
+from fcmae.models.dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, dcnv3_sample  # noqa: E402
 from fcmae.models.internimage import INTERNIMAGE_SIZES, STEM_STRIDE  # noqa: E402
 from fcmae.profiling import saved_activation_bytes  # noqa: E402
 
@@ -70,24 +71,28 @@ def main() -> None:
     print(f"InternImage-{args.size.upper()} DCNv3 shapes, batch {args.batch_size}, {args.input_size}px, "
           f"queries {100 * (1 - args.mask_ratio):.0f} %, {args.dtype}, {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
-    print(f"{'level':>5}{'map':>10}{'G':>4}" + "".join(f"{impl + ' ms':>16}{'saved MiB':>11}" for impl in DCNV3_IMPLS)
-          + f"{'gather speed':>14}{'max |diff|':>12}")
+    others = [impl for impl in available_impls(device.type) if impl != DEFAULT_DCNV3_IMPL]
+    impls = [DEFAULT_DCNV3_IMPL, *others]
+    print(f"{'level':>5}{'map':>10}{'G':>4}" + "".join(f"{impl + ' ms':>16}{'saved MiB':>11}" for impl in impls)
+          + "".join(f"{impl + ' speed':>15}{'max |diff|':>12}" for impl in others))
     for level in range(len(config["depths"])):
         size = args.input_size // (STEM_STRIDE * 2 ** level)
         channels, groups = config["channels"] * 2 ** level, config["groups"][level]
         (value, offset, weight), query_yx = level_inputs(args.batch_size, size, channels, groups,
                                                          1 - args.mask_ratio, dtype, device)
         row, outputs = {}, {}
-        for impl in DCNV3_IMPLS:
+        for impl in impls:
             def forward(impl=impl):
                 return dcnv3_sample(value, offset, weight, groups, query_yx=query_yx, impl=impl)
             saved, outputs[impl] = saved_activation_bytes(forward)
             row[impl] = (time_step(lambda: forward().float().square().mean().backward(), device, args.iters),
                          saved / 2 ** 20)
-        diff = (outputs["gather"].float() - outputs["grid_sample"].float()).abs().max().item()
-        print(f"{level:>5}{f'{size}x{size}':>10}{groups:>4}"
-              + "".join(f"{row[impl][0]:>16.1f}{row[impl][1]:>11.1f}" for impl in DCNV3_IMPLS)
-              + f"{row['grid_sample'][0] / row['gather'][0]:>13.2f}x{diff:>12.2e}")
+        line = f"{level:>5}{f'{size}x{size}':>10}{groups:>4}" + "".join(
+            f"{row[impl][0]:>16.1f}{row[impl][1]:>11.1f}" for impl in impls)
+        for impl in others:
+            diff = (outputs[impl].float() - outputs[DEFAULT_DCNV3_IMPL].float()).abs().max().item()
+            line += f"{row[DEFAULT_DCNV3_IMPL][0] / row[impl][0]:>14.2f}x{diff:>12.2e}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -11,21 +11,33 @@ compare them in fp64, and both against a hand-written bilinear definition):
   weight × modulation. The weighted gather-sum is one ``F.embedding_bag`` call. A custom
   autograd function saves only its inputs and rebuilds the corners in backward, so no
   (B, Q, G, P, Cg) tensor is ever formed or kept: about 4× (fp32) to 8× (bf16) fewer
-  saved bytes per DCNv3 call, at 2–2.5× the time on CPU (``tools/dcnv3_bench.py``).
+  saved bytes per DCNv3 call, at 2–3× the time on CPU (``tools/dcnv3_bench.py``).
+- ``"triton"``: fused Triton kernels for CUDA devices (:mod:`.dcnv3_triton`): positions,
+  corners and the weighted sum in registers, value gradients by fp32 atomics. Tested on
+  CPU through Triton's interpreter; its GPU speed is not measured yet.
 
 Sampling positions are computed in at least fp32 in both, also for bf16 inputs: in bf16 a
 position near x = 56 is only resolved to 0.25 px.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DCNV3_IMPLS = ("grid_sample", "gather")
+DCNV3_IMPLS = ("grid_sample", "gather", "triton")
 DEFAULT_DCNV3_IMPL = "grid_sample"
 _CORNER_DX = (0, 1, 0, 1)                      # corner c of the bilinear cell: (y0 + dy, x0 + dx)
 _CORNER_DY = (0, 0, 1, 1)
+
+
+def available_impls(device_type: str) -> tuple[str, ...]:
+    """The implementations that run on ``device_type`` ("cpu", "cuda", ...) here."""
+    if device_type != "cuda" or importlib.util.find_spec("triton") is None:
+        return tuple(impl for impl in DCNV3_IMPLS if impl != "triton")
+    return DCNV3_IMPLS
 
 
 def _position_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -171,6 +183,9 @@ def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, ker
     offset, weight = offset.reshape(batch, queries, -1), weight.reshape(batch, queries, -1)
     if impl == "grid_sample":
         out = _grid_sample_reference(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
-    else:
+    elif impl == "gather":
         out = _GatherSample.apply(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
+    else:
+        from .dcnv3_triton import TritonSample      # Triton is optional; CUDA devices only
+        out = TritonSample.apply(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
     return out.reshape(out_shape)
