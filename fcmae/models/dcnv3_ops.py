@@ -145,7 +145,7 @@ class _GatherSample(torch.autograd.Function):
         return grad_value, grad_offset, grad_weight, None, None, None, None
 
 
-def _grid_sample_reference(value: Tensor, offset: Tensor, weight: Tensor, query_yx: Tensor,
+def _grid_sample_sampling(value: Tensor, offset: Tensor, weight: Tensor, query_yx: Tensor,
                            groups: int, kernel_size: int, offset_scale: float) -> Tensor:
     """The ``grid_sample`` path: → (B, Q, C), computed in at least fp32."""
     batch, height, width, channels = value.shape
@@ -182,7 +182,7 @@ def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, ker
     queries = query_yx.shape[1]
     offset, weight = offset.reshape(batch, queries, -1), weight.reshape(batch, queries, -1)
     if impl == "grid_sample":
-        out = _grid_sample_reference(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
+        out = _grid_sample_sampling(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
     elif impl == "gather":
         out = _GatherSample.apply(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
     else:
