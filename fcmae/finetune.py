@@ -120,7 +120,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
                             batch_size=args.batch_size, num_workers=args.num_workers)
 
     model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path,
-                         head_init_scale=args.head_init_scale, **dcn_options(args.model, args.dcn_impl))
+                         head_init_scale=args.head_init_scale, **dcn_options(args.model, args.dcn_impl, device.type))
     if args.finetune:
         load_pretrained(model, args.finetune, args.model)
     if args.linear_probe:

@@ -34,7 +34,7 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
 def validate(args: argparse.Namespace) -> None:
     check_mask_ratio(args.mask_ratio)
     patch_grid((args.input_size, args.input_size), 32)
-    dcn_options(args.model, args.dcn_impl)            # --dcn-impl: InternImage models only
+    dcn_options(args.model, args.dcn_impl, torch.device(args.device).type)   # refuses a bad --dcn-impl early
     for name in ("epochs", "batch_size", "accum_iter"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -60,7 +60,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
 
     model = create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
                          decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss,
-                         backend=args.backend, **dcn_options(args.model, args.dcn_impl)).to(device)
+                         backend=args.backend, **dcn_options(args.model, args.dcn_impl, device.type)).to(device)
     eff_batch = args.batch_size * args.accum_iter * world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from sparse_ops import ActiveSites
 
 from ..masking import patch_grid, upsample_mask
-from .dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, dcnv3_sample
+from .dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, available_impls, dcnv3_sample
 from .layers import trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
@@ -425,12 +425,16 @@ class InternImage(nn.Module):
         return sum(self.depths) + 1
 
 
-def dcn_options(model_name: str, dcn_impl: str | None) -> dict:
-    """Constructor kwargs for a ``--dcn-impl`` choice: none when unset; InternImage models only."""
+def dcn_options(model_name: str, dcn_impl: str | None, device_type: str) -> dict:
+    """Constructor kwargs for a ``--dcn-impl`` choice: none when unset; InternImage models
+    only, and only implementations that run on ``device_type``."""
     if dcn_impl is None:
         return {}
     if not model_name.startswith("internimage"):
         raise ValueError(f"--dcn-impl applies to InternImage models only, not {model_name}")
+    if dcn_impl not in available_impls(device_type):
+        raise ValueError(f"--dcn-impl {dcn_impl} does not run on {device_type} here; "
+                         f"choose one of {', '.join(available_impls(device_type))}")
     return {"dcn_impl": dcn_impl}
 
 
