@@ -33,6 +33,11 @@ _CORNER_DX = (0, 1, 0, 1)                      # corner c of the bilinear cell: 
 _CORNER_DY = (0, 0, 1, 1)
 
 
+def check_impl(impl: str) -> None:
+    if impl not in DCNV3_IMPLS:
+        raise ValueError(f"unknown DCNv3 implementation {impl!r}; choose one of {', '.join(DCNV3_IMPLS)}")
+
+
 def available_impls(device_type: str) -> tuple[str, ...]:
     """The implementations that run on ``device_type`` ("cpu", "cuda", ...) here."""
     if device_type != "cuda" or importlib.util.find_spec("triton") is None:
@@ -173,8 +178,7 @@ def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, ker
     Offsets are ordered [group][point][dx, dy]; weights are the softmaxed modulation.
     Corners outside the map read zero. The result has ``value``'s dtype.
     """
-    if impl not in DCNV3_IMPLS:
-        raise ValueError(f"unknown DCNv3 implementation {impl!r}; choose one of {DCNV3_IMPLS}")
+    check_impl(impl)
     batch, height, width, channels = value.shape
     out_shape = (*offset.shape[:-1], channels)
     if query_yx is None:

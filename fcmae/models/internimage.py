@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from sparse_ops import ActiveSites
 
 from ..masking import patch_grid, upsample_mask
-from .dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, available_impls, dcnv3_sample
+from .dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, check_impl, dcnv3_sample
 from .layers import trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
@@ -125,8 +125,7 @@ class DCNv3(nn.Module):
         super().__init__()
         if channels % groups:
             raise ValueError(f"channels {channels} not divisible by groups {groups}")
-        if impl not in DCNV3_IMPLS:
-            raise ValueError(f"unknown DCNv3 implementation {impl!r}; choose one of {DCNV3_IMPLS}")
+        check_impl(impl)
         self.groups, self.kernel_size, self.offset_scale = groups, kernel_size, offset_scale
         self.impl = impl
         points = kernel_size * kernel_size
