@@ -132,8 +132,8 @@ def test_layer_decay_groups_follow_official_ids():
     assert decay[id(params["stages.0.0.grn.gamma"])] == 0.0 and decay[id(params["head.weight"])] == 0.05
 
 
-@pytest.mark.parametrize("name", ["revcol_t", "internimage_t"])
-def test_other_encoder_families_fine_tune_from_fcmae_weights(name, labeled_folder, tmp_path):
+@pytest.mark.parametrize("name,extra", [("revcol_t", []), ("internimage_t", ["--dcn-impl", "gather"])])
+def test_other_encoder_families_fine_tune_from_fcmae_weights(name, extra, labeled_folder, tmp_path):
     model = fcmae.create_fcmae(name, decoder_dim=32)
     dense, found = convert_state(model.state_dict())
     assert found == name
@@ -141,6 +141,6 @@ def test_other_encoder_families_fine_tune_from_fcmae_weights(name, labeled_folde
     out = tmp_path / "ft"
     assert run_cli(QUICK + ["--model", name, "--data-path", labeled_folder, "--finetune", tmp_path / "dense.pth",
                             "--output-dir", out, "--epochs", "1", "--steps-per-epoch", "1",
-                            "--layer-decay", "0.8"]) == 0
+                            "--layer-decay", "0.8"] + extra) == 0
     trained = load_checkpoint(out / "checkpoint-last.pth")["model"]
     assert set(dense) < set(trained)
