@@ -1,7 +1,9 @@
-"""Comparisons of the ``triton`` DCNv3 kernels with the ``grid_sample`` implementation, run
-by tests/test_dcnv3_triton.py in a subprocess with TRITON_INTERPRET=1 (Triton's CPU
-interpreter is chosen when the kernels are defined, so it needs a fresh process). Prints
-one JSON object: case name → largest absolute difference, or relative error for bf16."""
+"""Comparisons of the ``triton`` DCNv3 kernels with the ``grid_sample`` implementation.
+
+tests/test_dcnv3_triton.py runs them on CPU in a subprocess with TRITON_INTERPRET=1
+(Triton's interpreter is chosen when the kernels are defined, so it needs a fresh process:
+``python tests/triton_cases.py`` prints one JSON object) and, where a GPU exists, on CUDA in
+process. Each case returns the largest absolute difference (relative error for bf16)."""
 import json
 import os
 
@@ -11,15 +13,12 @@ from fcmae.masking import random_masks
 from fcmae.models.dcnv3_ops import dcnv3_sample
 from fcmae.models.internimage import InternImage
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-
-
-def sample_inputs(shape, groups, seed, group_channels=4, offset_std=1.5):
+def sample_inputs(shape, groups, seed, device, group_channels=4, offset_std=1.5):
     generator = torch.Generator().manual_seed(seed)
     value = torch.randn(*shape, groups * group_channels, generator=generator)
     offset = torch.randn(*shape, groups * 18, generator=generator) * offset_std   # some points leave the map
     weight = torch.rand(*shape, groups * 9, generator=generator).softmax(-1)
-    return value, offset, weight
+    return value.to(device), offset.to(device), weight.to(device)
 
 
 def output_and_grads(impl, value, offset, weight, probe, **options):
@@ -34,29 +33,32 @@ def max_difference(impl_options, value, offset, weight, probe):
     return max((a.double() - b.double()).abs().max().item() for a, b in zip(triton, reference))
 
 
-def full_map(scale):
-    value, offset, weight = sample_inputs((2, 5, 6), groups=2, seed=0)
-    return max_difference(dict(groups=2, offset_scale=scale), value, offset, weight, torch.randn(2, 5, 6, 8))
+def full_map(scale, device):
+    value, offset, weight = sample_inputs((2, 5, 6), groups=2, seed=0, device=device)
+    return max_difference(dict(groups=2, offset_scale=scale), value, offset, weight,
+                          torch.randn(2, 5, 6, 8, device=device))
 
 
-def query_sites():
-    value, offset, weight = sample_inputs((2, 7, 9), groups=3, seed=1, group_channels=5)   # Cg not a power of 2
-    query_yx = torch.tensor([[[0, 0], [3, 8], [6, 1], [2, 2]], [[6, 8], [1, 4], [0, 7], [5, 5]]])
-    rows = torch.arange(2)[:, None]
+def query_sites(device):
+    value, offset, weight = sample_inputs((2, 7, 9), groups=3, seed=1, device=device,
+                                          group_channels=5)                      # Cg not a power of 2
+    query_yx = torch.tensor([[[0, 0], [3, 8], [6, 1], [2, 2]], [[6, 8], [1, 4], [0, 7], [5, 5]]], device=device)
+    rows = torch.arange(2, device=device)[:, None]
     pick = (rows, query_yx[..., 0], query_yx[..., 1])
     return max_difference(dict(groups=3, query_yx=query_yx), value, offset[pick], weight[pick],
-                          torch.randn(2, 4, 15))
+                          torch.randn(2, 4, 15, device=device))
 
 
-def bf16_relative_error():
-    value, offset, weight = (t.bfloat16() for t in sample_inputs((1, 40, 40), groups=2, seed=2, group_channels=8))
+def bf16_relative_error(device):
+    value, offset, weight = (t.bfloat16() for t in sample_inputs((1, 40, 40), groups=2, seed=2, device=device,
+                                                                 group_channels=8))
     reference = dcnv3_sample(value.double(), offset.double(), weight.double(), groups=2, impl="grid_sample")
     out = dcnv3_sample(value, offset, weight, groups=2, impl="triton")
     assert out.dtype == torch.bfloat16
     return ((out.double() - reference).abs().mean() / reference.abs().mean()).item()
 
 
-def packed_encoder():
+def packed_encoder(device):
     """A small InternImage FCMAE encoder: triton on packed visible sites vs grid_sample
     masked-dense, outputs and every parameter gradient (relative to its largest entry)."""
     torch.manual_seed(0)
@@ -66,7 +68,8 @@ def packed_encoder():
         torch.nn.init.normal_(param, std=0.05)
     masked = InternImage(dcn_impl="grid_sample", packed_masked=False, **options)
     masked.load_state_dict(packed.state_dict())
-    imgs, mask = torch.randn(2, 3, 96, 96), random_masks(2, 9, 0.6)
+    packed, masked = packed.to(device), masked.to(device)
+    imgs, mask = torch.randn(2, 3, 96, 96, device=device), random_masks(2, 9, 0.6, device=device)
     out_packed, out_masked = packed(imgs, mask), masked(imgs, mask)
     probe = torch.randn_like(out_packed)
     (out_packed * probe).sum().backward()
@@ -79,7 +82,12 @@ def packed_encoder():
     return worst
 
 
+def run_all(device: str) -> dict[str, float]:
+    return {"full_map_scale_1": full_map(1.0, device), "full_map_scale_2": full_map(2.0, device),
+            "query_sites": query_sites(device), "bf16_relative": bf16_relative_error(device),
+            "packed_encoder": packed_encoder(device)}
+
+
 if __name__ == "__main__":
-    print(json.dumps({"full_map_scale_1": full_map(1.0), "full_map_scale_2": full_map(2.0),
-                      "query_sites": query_sites(), "bf16_relative": bf16_relative_error(),
-                      "packed_encoder": packed_encoder()}))
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    print(json.dumps(run_all("cpu")))
