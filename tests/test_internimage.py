@@ -7,12 +7,10 @@ import torch.nn.functional as F
 import fcmae
 from fcmae.convert import convert_state, verify
 from fcmae.masking import random_masks
-from fcmae.models.dcnv3_ops import available_impls, dcnv3_sample
+from fcmae.models.dcnv3_ops import dcnv3_sample
 from fcmae.models.internimage import INTERNIMAGE_SIZES, DCNv3, InternImage
 
 from .helpers import assert_no_leakage, assert_param_count, randomize_
-
-DCNV3_IMPLS = available_impls("cpu")   # triton: tests/test_dcnv3_triton.py
 
 PUBLISHED_PARAMS_M = {"t": 29.92, "s": 50.08, "b": 97.46, "l": 223.33, "xl": 334.82, "h": 1089.6}
 
@@ -84,14 +82,13 @@ def naive_dcnv3(value, offset, weight, groups, kernel=3, scale=1.0):
     return torch.stack(rows).reshape(batch, height, width, channels)
 
 
-@pytest.mark.parametrize("impl", DCNV3_IMPLS)
 @pytest.mark.parametrize("scale", [1.0, 2.0])
-def test_dcnv3_sampling_matches_hand_written_bilinear_with_gradients(scale, impl):
+def test_dcnv3_sampling_matches_hand_written_bilinear_with_gradients(scale):
     torch.manual_seed(0)
     value = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     offset = (torch.randn(1, 3, 4, 2 * 9 * 2, dtype=torch.float64) * 1.5).requires_grad_(True)  # some fall outside
     weight = torch.rand(1, 3, 4, 2 * 9, dtype=torch.float64, requires_grad=True)
-    fast = dcnv3_sample(value, offset, weight, groups=2, offset_scale=scale, impl=impl)
+    fast = dcnv3_sample(value, offset, weight, groups=2, offset_scale=scale)
     slow = naive_dcnv3(value, offset, weight, groups=2, scale=scale)
     torch.testing.assert_close(fast, slow)
     probe = torch.randn_like(fast)
@@ -101,13 +98,12 @@ def test_dcnv3_sampling_matches_hand_written_bilinear_with_gradients(scale, impl
         torch.testing.assert_close(fast_grad, slow_grad)
 
 
-@pytest.mark.parametrize("impl", DCNV3_IMPLS)
 @pytest.mark.parametrize("scale,dilation", [(1.0, 1), (2.0, 2)])
-def test_zero_offsets_and_uniform_weights_give_a_box_filter(scale, dilation, impl):
+def test_zero_offsets_and_uniform_weights_give_a_box_filter(scale, dilation):
     value = torch.randn(2, 6, 7, 8)
     offset = torch.zeros(2, 6, 7, 4 * 9 * 2)
     weight = torch.full((2, 6, 7, 4 * 9), 1 / 9)
-    out = dcnv3_sample(value, offset, weight, groups=4, offset_scale=scale, impl=impl)
+    out = dcnv3_sample(value, offset, weight, groups=4, offset_scale=scale)
     box = torch.full((8, 1, 3, 3), 1 / 9)
     expected = F.conv2d(value.permute(0, 3, 1, 2), box, padding=dilation, dilation=dilation, groups=8)
     torch.testing.assert_close(out, expected.permute(0, 2, 3, 1), atol=1e-6, rtol=1e-5)
@@ -130,36 +126,22 @@ def dcnv3_inputs(batch, height, width, groups, group_channels=4, offset_std=1.5,
     return value, offset, weight
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.0])
-def test_gather_and_grid_sample_implementations_agree_with_gradients(scale):
-    value, offset, weight = (t.double().requires_grad_() for t in dcnv3_inputs(2, 9, 11, groups=4))
-    probe = torch.randn(2, 9, 11, 16, dtype=torch.float64)
-    results = {}
-    for impl in DCNV3_IMPLS:
-        out = dcnv3_sample(value, offset, weight, groups=4, offset_scale=scale, impl=impl)
-        results[impl] = (out, *torch.autograd.grad((out * probe).sum(), (value, offset, weight)))
-    for gathered, reference in zip(results["gather"], results["grid_sample"]):
-        torch.testing.assert_close(gathered, reference)
-
-
-@pytest.mark.parametrize("impl", DCNV3_IMPLS)
-def test_bf16_sampling_keeps_sub_pixel_positions_on_large_maps(impl):
+def test_bf16_sampling_keeps_sub_pixel_positions_on_large_maps():
     """bf16 resolves x ≈ 56 only to 0.25 px; positions must be computed in fp32 anyway."""
     value, offset, weight = dcnv3_inputs(1, 64, 64, groups=2, group_channels=8)
     low = [t.bfloat16() for t in (value, offset, weight)]
-    reference = dcnv3_sample(*(t.double() for t in low), groups=2, impl="grid_sample")
-    error = (dcnv3_sample(*low, groups=2, impl=impl).double() - reference).abs()
+    reference = dcnv3_sample(*(t.double() for t in low), groups=2)
+    error = (dcnv3_sample(*low, groups=2).double() - reference).abs()
     assert error.mean() < 0.01 * reference.abs().mean(), error.mean()
 
 
-@pytest.mark.parametrize("impl", DCNV3_IMPLS)
-def test_bf16_autocast_gradients_stay_close_to_fp32(impl):
+def test_bf16_gradients_stay_close_to_fp32():
     value, offset, weight = dcnv3_inputs(1, 40, 40, groups=2, group_channels=8)
     probe = torch.randn(1, 40, 40, 16)
     grads = {}
     for dtype in (torch.float32, torch.bfloat16):
         leaves = [t.to(dtype).requires_grad_() for t in (value, offset, weight)]
-        out = dcnv3_sample(*leaves, groups=2, impl=impl)
+        out = dcnv3_sample(*leaves, groups=2)
         grads[dtype] = torch.autograd.grad((out.float() * probe).sum(), leaves)
     for low, high in zip(grads[torch.bfloat16], grads[torch.float32]):
         assert low.dtype == torch.bfloat16
@@ -167,7 +149,7 @@ def test_bf16_autocast_gradients_stay_close_to_fp32(impl):
 
 
 def test_unknown_dcnv3_implementation_is_refused():
-    with pytest.raises(ValueError, match="gather"):
+    with pytest.raises(ValueError, match="grid_sample, triton"):
         DCNv3(8, groups=2, impl="cuda")
 
 
@@ -181,9 +163,8 @@ def test_bf16_autocast_stays_close_to_fp32():
     assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
-@pytest.mark.parametrize("impl", DCNV3_IMPLS)
-def test_fcmae_with_internimage_never_reads_removed_pixels(impl):
-    model = fcmae.create_fcmae("internimage_t", decoder_dim=32, dcn_impl=impl)
+def test_fcmae_with_internimage_never_reads_removed_pixels():
+    model = fcmae.create_fcmae("internimage_t", decoder_dim=32)
     randomize_(model, std=0.05)            # non-zero offsets reach far beyond the base grid
     assert_no_leakage(model, torch.randn(2, 3, 96, 96), random_masks(2, 9, 0.6))
 
@@ -248,13 +229,11 @@ def test_h_features_keep_removed_pixels_out():
 
 @pytest.mark.parametrize("build", [lambda **kw: fcmae.create_encoder("internimage_t", **kw),
                                    lambda **kw: tiny_h_like(num_classes=0, **kw)], ids=["t", "h-like"])
-@pytest.mark.parametrize("packed_impl", DCNV3_IMPLS)
-def test_packed_visible_sites_equal_masked_dense_outputs_and_gradients(build, packed_impl):
-    """Packed visible sites with either DCNv3 implementation == masked-dense with grid_sample.
-    In fp64, so that gradients of 1e-6 next to gradients of 10 compare tightly too."""
+def test_packed_visible_sites_equal_masked_dense_outputs_and_gradients(build):
+    """In fp64, so that gradients of 1e-6 next to gradients of 10 compare tightly too."""
     torch.manual_seed(0)
-    packed = randomize_(build(dcn_impl=packed_impl), std=0.05).double()
-    masked = build(packed_masked=False, dcn_impl="grid_sample").double()
+    packed = randomize_(build(), std=0.05).double()
+    masked = build(packed_masked=False).double()
     masked.load_state_dict(packed.state_dict())
     imgs = torch.randn(2, 3, 96, 96, dtype=torch.float64)
     mask = random_masks(2, 9, 0.6)
@@ -270,15 +249,13 @@ def test_packed_visible_sites_equal_masked_dense_outputs_and_gradients(build, pa
         assert (param.grad - ref).abs().max() / scale < 1e-8, name
 
 
-@pytest.mark.parametrize("impl", DCNV3_IMPLS)
-def test_sampling_at_query_sites_equals_full_map_sampling(impl):
+def test_sampling_at_query_sites_equals_full_map_sampling():
     value = torch.randn(2, 5, 6, 8)
     offset = torch.randn(2, 5, 6, 2 * 9 * 2)
     weight = torch.rand(2, 5, 6, 2 * 9)
-    full = dcnv3_sample(value, offset, weight, groups=2, impl=impl)
+    full = dcnv3_sample(value, offset, weight, groups=2)
     query_yx = torch.tensor([[[0, 0], [2, 3], [4, 5]], [[1, 1], [3, 0], [4, 4]]])
     rows = torch.arange(2)[:, None]
     picked = dcnv3_sample(value, offset[rows, query_yx[..., 0], query_yx[..., 1]],
-                          weight[rows, query_yx[..., 0], query_yx[..., 1]], groups=2, query_yx=query_yx,
-                          impl=impl)
+                          weight[rows, query_yx[..., 0], query_yx[..., 1]], groups=2, query_yx=query_yx)
     torch.testing.assert_close(picked, full[rows, query_yx[..., 0], query_yx[..., 1]])

@@ -169,7 +169,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(image_folder, tmp_pa
     (["--model", "convnextv2_giant"], "unknown model 'convnextv2_giant'"),
     (["--backend", "nope"], "unknown sparse backend 'nope'"),
     (["--data-path", "/does/not/exist"], "is not a directory"),
-    (["--dcn-impl", "gather"], "--dcn-impl applies to InternImage models only"),
+    (["--dcn-impl", "grid_sample"], "--dcn-impl applies to InternImage models only"),
     (["--model", "internimage_t", "--dcn-impl", "triton", "--device", "cpu"], "--dcn-impl triton does not run on cpu"),
 ])
 def test_bad_input_is_one_line_error(extra, message, capsys):

@@ -12,9 +12,8 @@ re-applies the mask after every spatial op, the JAX-style reference), ``sparse-<
 for every installed ``sparse_ops`` backend. For RevCol (``revcol_*``, reversible by default)
 ``masked-plain`` is the masked encoder with ordinary autograd, to compare memory. For
 InternImage ``packed`` runs pointwise layers on visible sites only (its FCMAE default);
-InternImage variants use the default ``grid_sample`` DCNv3 sampling; a ``-gather`` suffix
-(``dense-gather``, ``packed-gather``) swaps in the memory-lean ``gather`` one and, on CUDA,
-``-triton`` the fused Triton kernels.
+InternImage variants use the default ``grid_sample`` DCNv3 sampling; on CUDA, ``dense-triton``
+and ``packed-triton`` swap in the fused Triton kernels.
 Peak memory is ``torch.cuda.max_memory_allocated``
 on GPU and the growth of the process' peak RSS over its idle RSS on CPU.
 """

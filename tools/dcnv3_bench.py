@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""DCNv3 sampling implementations side by side: ``grid_sample`` vs ``gather`` (and
-``triton`` on CUDA).
+"""DCNv3 sampling implementations side by side: ``grid_sample`` vs ``triton`` (CUDA), and
+``grid_sample`` under activation checkpointing (``grid_sample+ckpt``: nothing kept but the
+inputs, the sampling recomputed in backward, as InternImage's grad checkpointing does).
 
 For each InternImage level shape (InternImage-T widths and groups at the given batch and
 input size; every site a query, as in the dense network, or the visible 40 % with
 ``--mask-ratio 0.6``) it reports forward+backward time, the activation bytes autograd keeps
-for backward, and for each other implementation its speed relative to ``grid_sample``
-(above 1: faster) and the largest difference from its output:
+for backward, and for each other variant its speed relative to ``grid_sample`` (above 1:
+faster) and the largest difference from its output:
 
     python tools/dcnv3_bench.py --batch-size 8 --input-size 224
     python tools/dcnv3_bench.py --batch-size 64 --device cuda --dtype bf16
@@ -18,7 +19,11 @@ import os
 import sys
 import time
 
+from functools import partial
+from typing import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,6 +48,13 @@ def level_inputs(batch: int, size: int, channels: int, groups: int, keep_ratio: 
     weight = torch.rand(batch, queries, groups * 9, generator=generator, device=device).softmax(-1)
     leaves = [t.to(dtype).requires_grad_() for t in (value, offset, weight)]
     return leaves, query_yx
+
+
+def sampler_variants(device_type: str) -> dict[str, Callable[..., torch.Tensor]]:
+    """Every DCNv3 implementation available on ``device_type``, plus grid_sample checkpointed."""
+    samplers = {impl: partial(dcnv3_sample, impl=impl) for impl in available_impls(device_type)}
+    samplers["grid_sample+ckpt"] = partial(checkpoint, dcnv3_sample, use_reentrant=False)
+    return samplers
 
 
 def time_step(run, device: torch.device, iters: int) -> float:
@@ -71,27 +83,27 @@ def main() -> None:
     print(f"InternImage-{args.size.upper()} DCNv3 shapes, batch {args.batch_size}, {args.input_size}px, "
           f"queries {100 * (1 - args.mask_ratio):.0f} %, {args.dtype}, {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
-    others = [impl for impl in available_impls(device.type) if impl != DEFAULT_DCNV3_IMPL]
-    impls = [DEFAULT_DCNV3_IMPL, *others]
-    print(f"{'level':>5}{'map':>10}{'G':>4}" + "".join(f"{impl + ' ms':>16}{'saved MiB':>11}" for impl in impls)
-          + "".join(f"{impl + ' speed':>15}{'max |diff|':>12}" for impl in others))
+    samplers = sampler_variants(device.type)
+    reference, others = DEFAULT_DCNV3_IMPL, [name for name in samplers if name != DEFAULT_DCNV3_IMPL]
+    print(f"{'level':>5}{'map':>8}{'G':>4}" + "".join(f"{name + ' ms':>21}{'saved MiB':>11}" for name in samplers)
+          + "".join(f"{name + ' speed':>24}{'max |diff|':>12}" for name in others))
     for level in range(len(config["depths"])):
         size = args.input_size // (STEM_STRIDE * 2 ** level)
         channels, groups = config["channels"] * 2 ** level, config["groups"][level]
         (value, offset, weight), query_yx = level_inputs(args.batch_size, size, channels, groups,
                                                          1 - args.mask_ratio, dtype, device)
         row, outputs = {}, {}
-        for impl in impls:
-            def forward(impl=impl):
-                return dcnv3_sample(value, offset, weight, groups, query_yx=query_yx, impl=impl)
-            saved, outputs[impl] = saved_activation_bytes(forward)
-            row[impl] = (time_step(lambda: forward().float().square().mean().backward(), device, args.iters),
+        for name, sampler in samplers.items():
+            def forward(sampler=sampler):
+                return sampler(value, offset, weight, groups, query_yx=query_yx)
+            saved, outputs[name] = saved_activation_bytes(forward)
+            row[name] = (time_step(lambda: forward().float().square().mean().backward(), device, args.iters),
                          saved / 2 ** 20)
-        line = f"{level:>5}{f'{size}x{size}':>10}{groups:>4}" + "".join(
-            f"{row[impl][0]:>16.1f}{row[impl][1]:>11.1f}" for impl in impls)
-        for impl in others:
-            diff = (outputs[impl].float() - outputs[DEFAULT_DCNV3_IMPL].float()).abs().max().item()
-            line += f"{row[DEFAULT_DCNV3_IMPL][0] / row[impl][0]:>14.2f}x{diff:>12.2e}"
+        line = f"{level:>5}{f'{size}x{size}':>8}{groups:>4}" + "".join(
+            f"{row[name][0]:>21.1f}{row[name][1]:>11.1f}" for name in samplers)
+        for name in others:
+            diff = (outputs[name].float() - outputs[reference].float()).abs().max().item()
+            line += f"{row[reference][0] / row[name][0]:>23.2f}x{diff:>12.2e}"
         print(line)
 
 

@@ -19,9 +19,8 @@ def run_or_exit(prog: str, job: Callable[[], object], user_errors: tuple[type[Ba
 
 def add_dcn_impl_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dcn-impl", "--dcn_impl", choices=DCNV3_IMPLS, default=None,
-                        help=f"InternImage only: DCNv3 sampling (default {DEFAULT_DCNV3_IMPL}); 'gather' "
-                             "keeps about 4x fewer DCNv3 activations for backward, slower on CPU; "
-                             "'triton': fused kernels, CUDA only")
+                        help=f"InternImage only: DCNv3 sampling (default {DEFAULT_DCNV3_IMPL}); "
+                             "'triton': fused Triton kernels, CUDA only")
 
 
 def _fail(prog: str, error: BaseException) -> NoReturn:

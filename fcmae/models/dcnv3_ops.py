@@ -1,20 +1,13 @@
-"""DCNv3 deformable sampling (stride 1, dilation 1, 'same' padding) in pure PyTorch.
+"""DCNv3 deformable sampling (stride 1, dilation 1, 'same' padding) without a CUDA-extension build.
 
-Two interchangeable implementations with the same arguments and the same numbers (tests
-compare them in fp64, and both against a hand-written bilinear definition):
+Two implementations with the same arguments and the same numbers:
 
-- ``"grid_sample"`` (default): ``F.grid_sample`` per group into a (B·G, Cg, Q, P) tensor,
-  then the modulation-weighted sum over points. Fastest where measured (CPU), but autograd
-  keeps that P-times-larger tensor for backward.
-- ``"gather"``: every query's 4·P bilinear corners become row indices into the
-  channels-last value map seen as a (B·H·W·G, Cg) table, with coefficients = bilinear
-  weight × modulation. The weighted gather-sum is one ``F.embedding_bag`` call. A custom
-  autograd function saves only its inputs and rebuilds the corners in backward, so no
-  (B, Q, G, P, Cg) tensor is ever formed or kept: about 4× (fp32) to 8× (bf16) fewer
-  saved bytes per DCNv3 call, at 2–3× the time on CPU (``tools/dcnv3_bench.py``).
+- ``"grid_sample"`` (default, every device): ``F.grid_sample`` per group into a
+  (B·G, Cg, Q, P) tensor, then the modulation-weighted sum over points. Autograd keeps that
+  P-times-larger tensor for backward; InternImage's ``grad_checkpointing`` recomputes it.
 - ``"triton"``: fused Triton kernels for CUDA devices (:mod:`.dcnv3_triton`): positions,
-  corners and the weighted sum in registers, value gradients by fp32 atomics. Tested on
-  CPU through Triton's interpreter; its GPU speed is not measured yet.
+  corners and the weighted sum in registers, value gradients by fp32 atomics, nothing saved
+  but the inputs. Tested on CPU through Triton's interpreter; its GPU speed is not measured.
 
 Sampling positions are computed in at least fp32 in both, also for bf16 inputs: in bf16 a
 position near x = 56 is only resolved to 0.25 px.
@@ -27,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DCNV3_IMPLS = ("grid_sample", "gather", "triton")
+DCNV3_IMPLS = ("grid_sample", "triton")
 DEFAULT_DCNV3_IMPL = "grid_sample"
-_CORNER_DX = (0, 1, 0, 1)                      # corner c of the bilinear cell: (y0 + dy, x0 + dx)
-_CORNER_DY = (0, 0, 1, 1)
 
 
 def check_impl(impl: str) -> None:
@@ -75,81 +66,6 @@ def sample_positions(offset: Tensor, query_yx: Tensor, groups: int, kernel_size:
     return sample_x, sample_y
 
 
-def _corner_rows(value_shape: torch.Size, sample_x: Tensor, sample_y: Tensor,
-                 weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Positions (B, Q, G, P), weight (B, Q, G, P) → rows (B·Q·G, 4P) into the (B·H·W·G, Cg)
-    value table and coefficients (B·Q·G, 4P) (bilinear × modulation; 0 for corners off the
-    map, whose rows are clamped to a valid one)."""
-    batch, height, width, _ = value_shape
-    _, queries, groups, points = sample_x.shape
-    device = sample_x.device
-    sample_x = sample_x.clamp(-2.0, width + 1.0)      # far-off points: all corners off the map
-    sample_y = sample_y.clamp(-2.0, height + 1.0)
-    left, top = sample_x.floor(), sample_y.floor()
-    frac_x, frac_y = sample_x - left, sample_y - top               # carry the position gradient
-    weight_x = torch.stack([1 - frac_x, frac_x], -1)               # (B, Q, G, P, 2) for dx = 0, 1
-    weight_y = torch.stack([1 - frac_y, frac_y], -1)
-    bilinear = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).flatten(-2)   # (…, 4): dy outer
-    corner_x = left.long().unsqueeze(-1) + torch.tensor(_CORNER_DX, device=device)
-    corner_y = top.long().unsqueeze(-1) + torch.tensor(_CORNER_DY, device=device)
-    inside = (corner_x >= 0) & (corner_x < width) & (corner_y >= 0) & (corner_y < height)
-    coef = bilinear * inside * weight.to(bilinear.dtype).reshape(batch, queries, groups, points, 1)
-    image = torch.arange(batch, device=device).view(batch, 1, 1, 1, 1)
-    group = torch.arange(groups, device=device).view(1, 1, groups, 1, 1)
-    site = (image * height + corner_y.clamp(0, height - 1)) * width + corner_x.clamp(0, width - 1)
-    rows = (site * groups + group).reshape(batch * queries * groups, points * 4)
-    return rows, coef.reshape(batch * queries * groups, points * 4)
-
-
-class _GatherSample(torch.autograd.Function):
-    """(value (B, H, W, C), offset (B, Q, G·P·2), weight (B, Q, G·P), query_yx (B, Q, 2))
-    → (B·Q·G, Cg). Saves its inputs only; backward rebuilds rows and coefficients."""
-
-    @staticmethod
-    def forward(ctx, value: Tensor, offset: Tensor, weight: Tensor, query_yx: Tensor,
-                groups: int, kernel_size: int, offset_scale: float) -> Tensor:
-        ctx.save_for_backward(value, offset, weight, query_yx)
-        ctx.options = (groups, kernel_size, offset_scale)
-        with torch.autocast(value.device.type, enabled=False):
-            rows, coef = _GatherSample.corners(value, offset, weight, query_yx, *ctx.options)
-            table = value.reshape(-1, value.shape[-1] // groups)
-            return F.embedding_bag(rows, table, mode="sum", per_sample_weights=coef.to(value.dtype))
-
-    @staticmethod
-    def corners(value: Tensor, offset: Tensor, weight: Tensor, query_yx: Tensor, groups: int,
-                kernel_size: int, offset_scale: float) -> tuple[Tensor, Tensor]:
-        sample_x, sample_y = sample_positions(offset, query_yx, groups, kernel_size, offset_scale)
-        return _corner_rows(value.shape, sample_x, sample_y, weight.unflatten(-1, (groups, -1)))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        value, offset, weight, query_yx = ctx.saved_tensors
-        need_value, need_offset, need_weight = ctx.needs_input_grad[:3]
-        table = value.reshape(-1, value.shape[-1] // ctx.options[0])
-        with torch.autocast(value.device.type, enabled=False), torch.enable_grad():
-            offset = offset.detach().requires_grad_(need_offset)
-            weight = weight.detach().requires_grad_(need_weight)
-            rows, coef = _GatherSample.corners(value, offset, weight, query_yx, *ctx.options)
-            grad_value = grad_offset = grad_weight = None
-            if need_value:      # table rows += coef · grad_out, accumulated in fp32, one corner at a time
-                grad_table = torch.zeros(table.shape, dtype=coef.dtype, device=table.device)
-                grad_wide = grad_out.to(coef.dtype)
-                for corner in range(rows.shape[1]):
-                    grad_table.index_add_(0, rows[:, corner], grad_wide * coef[:, corner, None].detach())
-                grad_value = grad_table.to(value.dtype).view_as(value)
-            if need_offset or need_weight:
-                # d out / d coef[m, k] = <table[rows[m, k]], grad_out[m]>: embedding_bag's own
-                # per-sample-weight gradient computes exactly these dot products
-                probe = coef.detach().to(value.dtype).requires_grad_()
-                gathered = F.embedding_bag(rows, table.detach(), mode="sum", per_sample_weights=probe)
-                (grad_coef,) = torch.autograd.grad(gathered, probe, grad_out)
-                inputs = [t for t, need in ((offset, need_offset), (weight, need_weight)) if need]
-                grads = iter(torch.autograd.grad(coef, inputs, grad_coef.to(coef.dtype)))
-                grad_offset = next(grads).to(offset.dtype) if need_offset else None
-                grad_weight = next(grads).to(weight.dtype) if need_weight else None
-        return grad_value, grad_offset, grad_weight, None, None, None, None
-
-
 def _grid_sample_sampling(value: Tensor, offset: Tensor, weight: Tensor, query_yx: Tensor,
                            groups: int, kernel_size: int, offset_scale: float) -> Tensor:
     """The ``grid_sample`` path: → (B, Q, C), computed in at least fp32."""
@@ -187,8 +103,6 @@ def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, ker
     offset, weight = offset.reshape(batch, queries, -1), weight.reshape(batch, queries, -1)
     if impl == "grid_sample":
         out = _grid_sample_sampling(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
-    elif impl == "gather":
-        out = _GatherSample.apply(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
     else:
         from .dcnv3_triton import TritonSample      # Triton is optional; CUDA devices only
         out = TritonSample.apply(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
