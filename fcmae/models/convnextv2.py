@@ -16,7 +16,7 @@ import sparse_ops
 import sparse_ops.nn as snn
 
 from ..masking import patch_grid, upsample_mask
-from .layers import GRN, LayerNorm2d, trunc_normal_init
+from .layers import GRN, BlockSequence, GradCheckpointing, LayerNorm2d, trunc_normal_init
 from .registry import register_model
 
 # name: (depths, dims)
@@ -76,16 +76,7 @@ class Block(nn.Module):
         return x if keep is None else x * keep
 
 
-class Stage(nn.Sequential):
-    """A sequence of blocks that all see the same ``keep`` mask."""
-
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        for block in self:
-            x = block(x, keep)
-        return x
-
-
-class ConvNeXtV2(nn.Module):
+class ConvNeXtV2(GradCheckpointing, nn.Module):
     """Dense ConvNeXt V2 classifier (official key layout).
 
     ``forward_features(x, mask)`` with a patch mask is the masked-dense FCMAE reference.
@@ -106,7 +97,7 @@ class ConvNeXtV2(nn.Module):
                 LayerNorm2d(dims[i - 1], eps=1e-6),
                 nn.Conv2d(dims[i - 1], dims[i], kernel_size=2, stride=2)))
         self.stages = nn.ModuleList(
-            Stage(*[Block(dim, rate, kernel_size) for rate in rates])
+            BlockSequence(*[Block(dim, rate, kernel_size) for rate in rates])          # all see one keep mask
             for dim, rates in zip(dims, _drop_path_rates(depths, drop_path_rate)))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -182,7 +173,7 @@ class SparseBlock(nn.Module):
         return snn.add(x, self.drop_path(out))
 
 
-class SparseConvNeXtV2(nn.Module):
+class SparseConvNeXtV2(GradCheckpointing, nn.Module):
     """FCMAE encoder: dense stem, then only visible sites are computed.
 
     ``forward(imgs, mask)``: imgs (B, 3, H, W), mask (B, L) with 1 = removed patch →
@@ -204,7 +195,7 @@ class SparseConvNeXtV2(nn.Module):
             self.downsample_layers.append(nn.Sequential(
                 snn.LayerNorm(dims[i - 1], eps=1e-6), snn.Conv2d(dims[i - 1], dims[i], 2, 2)))
         self.stages = nn.ModuleList(
-            nn.Sequential(*[SparseBlock(dim, rate, kernel_size, grn_batch_stats) for rate in rates])
+            BlockSequence(*[SparseBlock(dim, rate, kernel_size, grn_batch_stats) for rate in rates])
             for dim, rates in zip(dims, _drop_path_rates(depths, drop_path_rate)))
         self.apply(trunc_normal_init)
 

@@ -33,7 +33,7 @@ from sparse_ops import ActiveSites
 
 from ..masking import patch_grid, upsample_mask
 from .dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, check_impl, dcnv3_sample
-from .layers import trunc_normal_init
+from .layers import GradCheckpointing, run_block, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
 _H_EXTRAS = dict(dw_kernel_size=5, res_post_norm=True, center_feature_scale=True,
@@ -280,11 +280,12 @@ class Level(nn.Module):
         if post_norm_ids:                     # H/G level 2: extra LayerNorms after some blocks
             self.post_norms = nn.ModuleList(_layer_norm(dim) for _ in post_norm_ids)
         self.downsample = Downsample(dim) if downsample else None
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor, grid: Grid, next_grid: Grid | None = None) -> tuple[Tensor, Tensor]:
         """→ (this level's output, input of the next level laid out as ``next_grid``)."""
         for index, block in enumerate(self.blocks):
-            x = block(x, grid)
+            x = run_block(block, x, grid, checkpointing=self.grad_checkpointing)
             if index in self.post_norm_ids:
                 x = grid.mask(self.post_norms[self.post_norm_ids.index(index)](x))
         if self.norm is not None:
@@ -307,7 +308,7 @@ class StemEmbed(nn.Module):
         return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
 
 
-class InternImage(nn.Module):
+class InternImage(GradCheckpointing, nn.Module):
     """InternImage T–XL classifier (official key layout); ``forward_features(x, mask)``
     with a patch mask is the masked FCMAE encoder."""
 

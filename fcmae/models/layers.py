@@ -1,10 +1,13 @@
 """Dense layers shared by the ConvNeXt V2 classifier, the masked-dense reference and the
-FCMAE decoder."""
+FCMAE decoder, and gradient checkpointing shared by every architecture."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -43,3 +46,36 @@ def trunc_normal_init(module: nn.Module, types: tuple[type, ...] = (nn.Conv2d, n
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def run_block(block: nn.Module, *inputs: Any, checkpointing: bool = False) -> Any:
+    """``block(*inputs)``; with ``checkpointing`` (while autograd records) the block's
+    activations are recomputed in backward instead of kept: non-reentrant
+    ``torch.utils.checkpoint``, which restores the RNG state, so drop path draws the same."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
+
+class BlockSequence(nn.Sequential):
+    """Blocks applied in order, each given the same extra inputs (e.g. a ``keep`` mask);
+    keys as ``nn.Sequential``. ``grad_checkpointing`` recomputes each block in backward."""
+
+    def __init__(self, *blocks: nn.Module) -> None:
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Any, *extra: Any) -> Any:
+        for block in self:
+            x = run_block(block, x, *extra, checkpointing=self.grad_checkpointing)
+        return x
+
+
+class GradCheckpointing:
+    """timm's ``set_grad_checkpointing`` for a model whose block containers carry a
+    ``grad_checkpointing`` flag (:class:`BlockSequence` and the like)."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for module in self.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = enable
