@@ -25,6 +25,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, find_i
 from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, setup_run
 from .logger import RunLogger
 from .models.internimage import dcn_options
+from .models.layers import enable_grad_checkpointing
 from .optim import layer_decay_param_groups, param_groups
 
 def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
@@ -121,6 +122,8 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
 
     model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path,
                          head_init_scale=args.head_init_scale, **dcn_options(args.model, args.dcn_impl, device.type))
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model, args.model)
     if args.finetune:
         load_pretrained(model, args.finetune, args.model)
     if args.linear_probe:

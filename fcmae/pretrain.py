@@ -15,6 +15,7 @@ from .engine import RunInfo, ScheduleConfig, fit, make_scaler, setup_run
 from .logger import RunLogger, reconstruction_grid
 from .masking import check_mask_ratio, patch_grid
 from .models.internimage import dcn_options
+from .models.layers import enable_grad_checkpointing
 from .optim import param_groups
 
 # Official FCMAE recipe (ConvNeXt-V2 pretraining) and the short built-in demo run.
@@ -61,6 +62,8 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     model = create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
                          decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss,
                          backend=args.backend, **dcn_options(args.model, args.dcn_impl, device.type)).to(device)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model.encoder, args.model)
     eff_batch = args.batch_size * args.accum_iter * world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256

@@ -132,7 +132,7 @@ def test_layer_decay_groups_follow_official_ids():
     assert decay[id(params["stages.0.0.grn.gamma"])] == 0.0 and decay[id(params["head.weight"])] == 0.05
 
 
-@pytest.mark.parametrize("name,extra", [("revcol_t", []), ("internimage_t", [])])
+@pytest.mark.parametrize("name,extra", [("revcol_t", []), ("internimage_t", ["--grad-checkpointing"])])
 def test_other_encoder_families_fine_tune_from_fcmae_weights(name, extra, labeled_folder, tmp_path):
     model = fcmae.create_fcmae(name, decoder_dim=32)
     dense, found = convert_state(model.state_dict())

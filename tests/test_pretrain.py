@@ -11,6 +11,7 @@ from PIL import Image
 from fcmae.checkpoint import load_checkpoint
 from fcmae.cli.pretrain import build_parser, main
 from fcmae.data import DEMO_TRAIN_PHOTOS, demo_photo_paths
+from fcmae.pretrain import run_pretraining
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
@@ -163,6 +164,19 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(image_folder, tmp_pa
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_grad_checkpointing_trains_the_same_weights(image_folder, tmp_path):
+    weights = {}
+    for flag in ([], ["--grad-checkpointing"]):
+        args = build_parser().parse_args(QUICK + ["--data-path", str(image_folder), "--epochs", "1",
+                                                  "--steps-per-epoch", "2", "--output-dir",
+                                                  str(tmp_path / ("ckpt" if flag else "plain"))] + flag)
+        last, model = run_pretraining(args)
+        assert model.encoder.stages[0].grad_checkpointing == bool(flag)
+        weights[bool(flag)] = load_checkpoint(last)["model"]
+    for name, value in weights[True].items():
+        torch.testing.assert_close(value, weights[False][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--mask-ratio", "1.0"], "mask ratio must be in [0, 1)"),
     (["--input-size", "100"], "not a multiple of the patch size 32"),
@@ -171,6 +185,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(image_folder, tmp_pa
     (["--data-path", "/does/not/exist"], "is not a directory"),
     (["--dcn-impl", "grid_sample"], "--dcn-impl applies to InternImage models only"),
     (["--model", "internimage_t", "--dcn-impl", "triton", "--device", "cpu"], "--dcn-impl triton does not run on cpu"),
+    (["--model", "revcol_t", "--grad-checkpointing"], "--grad-checkpointing is not supported by revcol_t"),
 ])
 def test_bad_input_is_one_line_error(extra, message, capsys):
     code = run_cli(QUICK + ["--epochs", "1", "--output-dir", "/tmp/unused-fcmae-out"] + extra)

@@ -13,7 +13,9 @@ for every installed ``sparse_ops`` backend. For RevCol (``revcol_*``, reversible
 ``masked-plain`` is the masked encoder with ordinary autograd, to compare memory. For
 InternImage ``packed`` runs pointwise layers on visible sites only (its FCMAE default);
 InternImage variants use the default ``grid_sample`` DCNv3 sampling; on CUDA, ``dense-triton``
-and ``packed-triton`` swap in the fused Triton kernels.
+and ``packed-triton`` swap in the fused Triton kernels. A ``+ckpt`` suffix on any variant of
+ConvNeXt V2 or InternImage turns on gradient checkpointing (``dense+ckpt``,
+``sparse-torch+ckpt``, ``packed+ckpt``); pass such variants with ``--variants``.
 Peak memory is ``torch.cuda.max_memory_allocated``
 on GPU and the growth of the process' peak RSS over its idle RSS on CPU.
 """
@@ -79,6 +81,7 @@ def model_options(variant: str, model_name: str) -> dict:
 
 def build_step(variant: str, args: argparse.Namespace):
     """A closure running one forward+backward of the encoder for ``variant``."""
+    variant, _, option = variant.partition("+")
     device = torch.device(args.device)
     grid = patch_grid((args.input_size, args.input_size), 32)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
@@ -94,6 +97,10 @@ def build_step(variant: str, args: argparse.Namespace):
         forward = model.forward_features
         if variant.partition("-")[0] == "dense":
             mask = None
+    if option == "ckpt":
+        model.set_grad_checkpointing()
+    elif option:
+        raise SystemExit(f"unknown variant option +{option} (known: +ckpt)")
     if args.compile:
         forward = torch.compile(forward)
     autocast_dtype = DTYPES[args.dtype]

@@ -17,7 +17,11 @@ def run_or_exit(prog: str, job: Callable[[], object], user_errors: tuple[type[Ba
         raise SystemExit(130) from None
 
 
-def add_dcn_impl_argument(parser: argparse.ArgumentParser) -> None:
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that trade speed for activation memory, shared by pretraining and fine-tuning."""
+    parser.add_argument("--grad-checkpointing", "--grad_checkpointing", action="store_true",
+                        help="recompute each block's activations in backward instead of keeping them "
+                             "(ConvNeXt V2, InternImage)")
     parser.add_argument("--dcn-impl", "--dcn_impl", choices=DCNV3_IMPLS, default=None,
                         help=f"InternImage only: DCNv3 sampling (default {DEFAULT_DCNV3_IMPL}); "
                              "'triton': fused Triton kernels, CUDA only")

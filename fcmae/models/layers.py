@@ -79,3 +79,11 @@ class GradCheckpointing:
         for module in self.modules():
             if hasattr(module, "grad_checkpointing"):
                 module.grad_checkpointing = enable
+
+
+def enable_grad_checkpointing(model: nn.Module, model_name: str) -> None:
+    """``--grad-checkpointing``: ConvNeXt V2 (dense and sparse) and InternImage support it;
+    RevCol is reversible, which keeps even less."""
+    if not isinstance(model, GradCheckpointing):
+        raise ValueError(f"--grad-checkpointing is not supported by {model_name}")
+    model.set_grad_checkpointing()
