@@ -81,6 +81,27 @@ def test_encoder_parity_outputs_and_gradients():
         assert_close(mink_params[name].grad, param.grad, rtol=1e-3)
 
 
+def test_drop_path_and_grad_checkpointing_match_torch_backend():
+    """Train mode: drop path draws from the global RNG, so building ME layers (which
+    initialise kernels of their own) must not consume random numbers, and recomputation under
+    gradient checkpointing must see the same draws."""
+    sparse_ops.get_backend("minkowski")._layers.clear()        # layers are first built below
+    imgs, mask = torch.randn(2, 3, 64, 64), fcmae.masking.random_masks(2, 4, 0.5)
+    results = {}
+    for backend in ("torch", "minkowski"):
+        torch.manual_seed(0)
+        encoder = randomize_(fcmae.create_encoder("convnextv2_atto", backend=backend, drop_path_rate=0.3),
+                             std=0.1).train()
+        encoder.set_grad_checkpointing()
+        torch.manual_seed(1)
+        out = encoder(imgs, mask)
+        out.square().sum().backward()
+        results[backend] = (out.detach(), {name: p.grad for name, p in encoder.named_parameters()})
+    assert_close(results["minkowski"][0], results["torch"][0], rtol=1e-4)
+    for name, grad in results["torch"][1].items():
+        assert_close(results["minkowski"][1][name], grad, rtol=1e-3)
+
+
 def test_checkpoint_moves_between_backends_with_same_loss():
     torch_model = randomize_(fcmae.create_fcmae("convnextv2_atto", decoder_dim=32), std=0.05)
     mink_model = fcmae.create_fcmae("convnextv2_atto", decoder_dim=32, backend="minkowski")

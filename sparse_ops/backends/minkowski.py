@@ -42,15 +42,22 @@ class MinkowskiBackend(Backend):
         key = (kind, in_channels, out_channels, kernel_size, stride)
         if key not in self._layers:
             ME = _import_me()
-            if kind == "depthwise":
-                layer = ME.MinkowskiChannelwiseConvolution(in_channels, kernel_size, stride=stride,
-                                                           bias=False, dimension=2)
-            else:
-                layer = ME.MinkowskiConvolution(in_channels, out_channels, kernel_size, stride=stride,
-                                                bias=False, dimension=2)
+            # ME draws a random kernel that we drop: keep the global RNG stream as it was, so
+            # drop path and exact resume do not depend on when layers were first built
+            with torch.random.fork_rng(devices=[]):
+                layer = self._new_layer(ME, kind, in_channels, out_channels, kernel_size, stride)
             del layer.kernel  # use the model's parameters instead
             self._layers[key] = layer
         return self._layers[key]
+
+    @staticmethod
+    def _new_layer(ME, kind: str, in_channels: int, out_channels: int, kernel_size: int,
+                   stride: int) -> nn.Module:
+        if kind == "depthwise":
+            return ME.MinkowskiChannelwiseConvolution(in_channels, kernel_size, stride=stride,
+                                                      bias=False, dimension=2)
+        return ME.MinkowskiConvolution(in_channels, out_channels, kernel_size, stride=stride,
+                                       bias=False, dimension=2)
 
     def _run(self, layer: nn.Module, x: SparseImage, kernel: Tensor):
         """``layer`` applied with ``kernel`` to x (features in ME's row order); an ME SparseTensor."""
