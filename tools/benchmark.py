@@ -102,7 +102,7 @@ def build_step(variant: str, args: argparse.Namespace):
     elif option:
         raise SystemExit(f"unknown variant option +{option} (known: +ckpt)")
     if args.compile:
-        forward = torch.compile(forward)
+        forward = torch.compile(forward, dynamic=False)   # as fcmae-pretrain --compile
     autocast_dtype = DTYPES[args.dtype]
 
     def step() -> None:
