@@ -17,8 +17,8 @@ def run_or_exit(prog: str, job: Callable[[], object], user_errors: tuple[type[Ba
         raise SystemExit(130) from None
 
 
-def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that trade speed for activation memory, shared by pretraining and fine-tuning."""
+def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the model runs, not what it computes (shared by pretraining and fine-tuning)."""
     parser.add_argument("--grad-checkpointing", "--grad_checkpointing", action="store_true",
                         help="recompute each block's activations in backward instead of keeping them "
                              "(ConvNeXt V2, InternImage)")

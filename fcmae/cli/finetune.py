@@ -9,7 +9,7 @@ from .. import list_models
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..engine import AMP_DTYPES, NonFiniteLossError
-from . import add_memory_arguments, run_or_exit
+from . import add_execution_arguments, run_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--layer-decay", "--layer_decay", type=float, default=1.0, help="layer-wise lr decay (1.0: off)")
     add("--layer-decay-type", "--layer_decay_type", choices=["single", "group"], default="single")
     add("--drop-path", "--drop_path", type=float, default=0.1)
-    add_memory_arguments(parser)
+    add_execution_arguments(parser)
     add("--head-init-scale", "--head_init_scale", type=float, default=0.001)
     add("--smoothing", type=float, default=0.1, help="label smoothing")
     add("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")

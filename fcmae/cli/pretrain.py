@@ -12,7 +12,7 @@ from .. import list_models
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..engine import AMP_DTYPES, NonFiniteLossError
-from . import add_memory_arguments, run_or_exit
+from . import add_execution_arguments, run_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--clip-grad", "--clip_grad", type=float, default=None, help="max global grad norm")
     add("--backend", default="torch", help=f"sparse backend; registered: {', '.join(sparse_ops.list_backends())}")
     add("--num-workers", "--num_workers", type=int, default=2, help="data loader workers per process")
-    add_memory_arguments(parser)
+    add_execution_arguments(parser)
     add("--seed", type=int, default=0)
     add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT/checkpoint-last.pth if present")
     add("--save-every", "--save_every", type=int, default=0,
