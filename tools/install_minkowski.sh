@@ -39,11 +39,9 @@ fi
 
 log "build folder: $WORK"
 "$PYTHON" -m pip install -q --target "$WORK/buildtools" "setuptools<60" "numpy<2" wheel
-"$PYTHON" -m pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$WORK" \
-    "MinkowskiEngine==$ME_VERSION" || {
-    # pip download runs setup.py egg_info, which needs the build tools on the path as well
-    PYTHONPATH="$WORK/buildtools" "$PYTHON" -m pip download -q --no-deps --no-binary :all: \
-        --no-build-isolation -d "$WORK" "MinkowskiEngine==$ME_VERSION"; }
+# pip download runs setup.py egg_info, which needs the old build tools on the path as well
+PYTHONPATH="$WORK/buildtools" "$PYTHON" -m pip download -q --no-deps --no-binary :all: \
+    --no-build-isolation -d "$WORK" "MinkowskiEngine==$ME_VERSION"
 tar -xzf "$WORK/MinkowskiEngine-$ME_VERSION.tar.gz" -C "$WORK"
 SRC="$WORK/MinkowskiEngine-$ME_VERSION"
 
