@@ -68,7 +68,8 @@ def sample_positions(offset: Tensor, query_yx: Tensor, groups: int, kernel_size:
 
 def _grid_sample_sampling(value: Tensor, offset: Tensor, weight: Tensor, query_yx: Tensor,
                            groups: int, kernel_size: int, offset_scale: float) -> Tensor:
-    """The ``grid_sample`` path: → (B, Q, C), computed in at least fp32."""
+    """The ``grid_sample`` implementation (arguments as :func:`dcnv3_sample` after its
+    reshape to (B, Q, ·)): → (B, Q, C), computed in at least fp32."""
     batch, height, width, channels = value.shape
     queries, points = query_yx.shape[1], kernel_size * kernel_size
     sample_x, sample_y = sample_positions(offset, query_yx, groups, kernel_size, offset_scale)

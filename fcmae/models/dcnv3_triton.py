@@ -119,13 +119,13 @@ def _backward_kernel(value_ptr, offset_ptr, weight_ptr, query_ptr, grad_out_ptr,
 
 def check_device(value: Tensor) -> None:
     if not (value.is_cuda or interpreting()):
-        raise ValueError("the 'triton' DCNv3 implementation needs a CUDA device "
-                         "(on CPU use 'grid_sample' or 'gather')")
+        raise ValueError("the 'triton' DCNv3 implementation needs a CUDA device (on CPU use 'grid_sample')")
 
 
-def _launch_config(rows: int, group_channels: int) -> dict:
-    return dict(grid=(triton.cdiv(rows, BLOCK_ROWS),), BLOCK_ROWS=BLOCK_ROWS,
-                BLOCK_C=triton.next_power_of_2(group_channels))
+def _launch(kernel, rows: int, group_channels: int, kernel_size: int, *args) -> None:
+    """One program per ``BLOCK_ROWS`` (query, group) rows; channels padded to a power of 2."""
+    kernel[(triton.cdiv(rows, BLOCK_ROWS),)](*args, KERNEL=kernel_size, BLOCK_ROWS=BLOCK_ROWS,
+                                             BLOCK_C=triton.next_power_of_2(group_channels))
 
 
 class TritonSample(torch.autograd.Function):
@@ -142,10 +142,8 @@ class TritonSample(torch.autograd.Function):
         batch, height, width, channels = value.shape
         rows, group_channels = batch * query_yx.shape[1] * groups, channels // groups
         out = value.new_empty(rows, group_channels)
-        config = _launch_config(rows, group_channels)
-        _forward_kernel[config.pop("grid")](value, offset, weight, query_yx, out, rows, query_yx.shape[1],
-                                            height, width, groups, group_channels, float(offset_scale),
-                                            KERNEL=kernel_size, **config)
+        _launch(_forward_kernel, rows, group_channels, kernel_size, value, offset, weight, query_yx, out,
+                rows, query_yx.shape[1], height, width, groups, group_channels, float(offset_scale))
         return out
 
     @staticmethod
@@ -157,10 +155,8 @@ class TritonSample(torch.autograd.Function):
         grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         grad_offset = torch.empty(offset.shape, dtype=torch.float32, device=value.device)
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=value.device)
-        config = _launch_config(rows, group_channels)
-        _backward_kernel[config.pop("grid")](value, offset, weight, query_yx, grad_out.contiguous(), grad_value,
-                                             grad_offset, grad_weight, rows, query_yx.shape[1], height, width,
-                                             groups, group_channels, float(offset_scale),
-                                             KERNEL=kernel_size, **config)
+        _launch(_backward_kernel, rows, group_channels, kernel_size, value, offset, weight, query_yx,
+                grad_out.contiguous(), grad_value, grad_offset, grad_weight, rows, query_yx.shape[1], height,
+                width, groups, group_channels, float(offset_scale))
         return (grad_value.to(value.dtype), grad_offset.to(offset.dtype), grad_weight.to(weight.dtype),
                 None, None, None, None)
