@@ -1,6 +1,8 @@
 """Random patch masks for FCMAE. Convention (official): mask == 1 marks a *removed* patch."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -40,3 +42,11 @@ def upsample_mask(mask: Tensor, grid: tuple[int, int], scale: int) -> Tensor:
     """(B, h·w) patch mask → (B, h·scale, w·scale) mask at a finer feature resolution."""
     patches = mask.reshape(mask.shape[0], *grid)
     return patches.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
+def keep_maps(mask: Tensor, image_size: tuple[int, int], patch_size: int,
+              strides: Sequence[int]) -> list[Tensor]:
+    """(B, L) patch mask → for each feature stride s, a (B, H/s, W/s) map that is 1 at the
+    sites of kept patches and 0 at removed ones (same dtype as ``mask``)."""
+    grid = patch_grid(image_size, patch_size)
+    return [1.0 - upsample_mask(mask, grid, patch_size // stride) for stride in strides]

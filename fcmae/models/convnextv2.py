@@ -15,8 +15,8 @@ from torch import Tensor, nn
 import sparse_ops
 import sparse_ops.nn as snn
 
-from ..masking import patch_grid, upsample_mask
-from .layers import GRN, BlockSequence, GradCheckpointing, LayerNorm2d, trunc_normal_init
+from ..masking import keep_maps
+from .layers import GRN, BlockSequence, GradCheckpointing, LayerNorm2d, apply_keep, trunc_normal_init
 from .registry import register_model
 
 # name: (depths, dims)
@@ -65,15 +65,12 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         shortcut = x                                   # (B, C, H, W)
-        x = self.dwconv(x)
-        if keep is not None:
-            x = x * keep
+        x = apply_keep(self.dwconv(x), keep)
         x = x.permute(0, 2, 3, 1)                      # (B, H, W, C)
         x = self.act(self.pwconv1(self.norm(x)))       # (B, H, W, 4C)
         x = self.grn(x, None if keep is None else keep.permute(0, 2, 3, 1))
         x = self.pwconv2(x).permute(0, 3, 1, 2)        # (B, C, H, W)
-        x = shortcut + self.drop_path(x)
-        return x if keep is None else x * keep
+        return apply_keep(shortcut + self.drop_path(x), keep)
 
 
 class ConvNeXtV2(GradCheckpointing, nn.Module):
@@ -133,14 +130,11 @@ class ConvNeXtV2(GradCheckpointing, nn.Module):
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, 3, H, W) → (B, C_last, H/32, W/32). ``mask`` (B, L): 1 = removed patch."""
-        grid = patch_grid(x.shape[-2:], self.patch_size) if mask is not None else None
-        for i, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
-            x = downsample(x)
-            keep = None
-            if mask is not None:
-                scale = self.patch_size // (STEM_STRIDE * 2 ** i)
-                keep = 1.0 - upsample_mask(mask, grid, scale).unsqueeze(1).type_as(x)
-                x = x * keep
+        strides = [STEM_STRIDE * 2 ** i for i in range(len(self.stages))]
+        keeps = ([keep.unsqueeze(1).type_as(x) for keep in keep_maps(mask, x.shape[-2:], self.patch_size, strides)]
+                 if mask is not None else [None] * len(self.stages))
+        for downsample, stage, keep in zip(self.downsample_layers, self.stages, keeps):
+            x = apply_keep(downsample(x), keep)
             x = stage(x, keep)
         return x
 
@@ -200,9 +194,8 @@ class SparseConvNeXtV2(GradCheckpointing, nn.Module):
         self.apply(trunc_normal_init)
 
     def forward(self, imgs: Tensor, mask: Tensor) -> Tensor:
-        grid = patch_grid(imgs.shape[-2:], self.patch_size)
         stem = self.downsample_layers[0](imgs)                             # (B, C0, H/4, W/4)
-        visible = upsample_mask(mask, grid, self.patch_size // STEM_STRIDE) == 0
+        visible = keep_maps(mask, imgs.shape[-2:], self.patch_size, [STEM_STRIDE])[0] > 0
         x = sparse_ops.SparseImage.from_dense(stem, visible, STEM_STRIDE, self.backend)
         for i, stage in enumerate(self.stages):
             if i > 0:

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from sparse_ops import ActiveSites
 
-from ..masking import patch_grid, upsample_mask
+from ..masking import keep_maps
 from .dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, check_impl, dcnv3_sample
-from .layers import GradCheckpointing, run_block, trunc_normal_init
+from .layers import GradCheckpointing, apply_keep, run_block, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
 _H_EXTRAS = dict(dw_kernel_size=5, res_post_norm=True, center_feature_scale=True,
@@ -49,10 +49,6 @@ INTERNIMAGE_SIZES: dict[str, dict] = {
     "h": dict(channels=320, depths=(6, 6, 32, 6), groups=(10, 20, 40, 80), **_H_EXTRAS),
 }
 STEM_STRIDE = 4
-
-
-def _masked(x: Tensor, keep: Tensor | None) -> Tensor:
-    return x if keep is None else x * keep
 
 
 class ToChannelsLast(nn.Module):
@@ -83,13 +79,13 @@ class DenseGrid:
         self.query_yx = None                                   # every site is a query
 
     def to_map(self, features: Tensor) -> Tensor:
-        return _masked(features, self.keep)
+        return apply_keep(features, self.keep)
 
     def from_map(self, grid_map: Tensor) -> Tensor:
         return grid_map
 
     def mask(self, features: Tensor) -> Tensor:
-        return _masked(features, self.keep)
+        return apply_keep(features, self.keep)
 
 
 class PackedGrid:
@@ -366,9 +362,8 @@ class InternImage(GradCheckpointing, nn.Module):
     def _keeps(self, x: Tensor, mask: Tensor | None) -> list[Tensor | None]:
         if mask is None:
             return [None] * len(self.levels)
-        grid = patch_grid(x.shape[-2:], self.patch_size)
-        return [1.0 - upsample_mask(mask, grid, self.patch_size // (STEM_STRIDE * 2 ** i))
-                .unsqueeze(-1).type_as(x) for i in range(len(self.levels))]
+        strides = [STEM_STRIDE * 2 ** i for i in range(len(self.levels))]
+        return [keep.unsqueeze(-1).type_as(x) for keep in keep_maps(mask, x.shape[-2:], self.patch_size, strides)]
 
     def _grids(self, x: Tensor, mask: Tensor | None) -> list[Grid]:
         """Per level: plain dense, masked-dense, or packed visible sites (``packed_masked``
@@ -384,7 +379,7 @@ class InternImage(GradCheckpointing, nn.Module):
         downsample); with ``mask`` (B, L) zero at removed patches."""
         grids = self._grids(x, mask)
         if mask is not None:   # the stem reads 3 px across patch borders: zero removed pixels first
-            keep = 1.0 - upsample_mask(mask, patch_grid(x.shape[-2:], self.patch_size), self.patch_size)
+            (keep,) = keep_maps(mask, x.shape[-2:], self.patch_size, strides=[1])
             x = x * keep.unsqueeze(1).type_as(x)
         x = grids[0].mask(grids[0].from_map(self.patch_embed(x)))
         outputs = []

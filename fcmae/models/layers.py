@@ -10,6 +10,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
+def apply_keep(x: Tensor, keep: Tensor | None) -> Tensor:
+    """``x`` zeroed where the broadcastable ``keep`` map is 0 (removed patches); ``x`` itself
+    when ``keep`` is None (no mask). The one re-masking rule of every masked-dense path."""
+    return x if keep is None else x * keep
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map (keys ``weight``/``bias``)."""
 
@@ -33,8 +39,7 @@ class GRN(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        stats_input = x if keep is None else x * keep
-        norms = torch.linalg.vector_norm(stats_input, dim=(1, 2), keepdim=True)   # (B, 1, 1, C)
+        norms = torch.linalg.vector_norm(apply_keep(x, keep), dim=(1, 2), keepdim=True)   # (B, 1, 1, C)
         scale = norms / (norms.mean(dim=-1, keepdim=True) + self.eps)
         return torch.addcmul(self.beta + x, self.gamma, x * scale)
 

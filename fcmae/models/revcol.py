@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ..masking import patch_grid, upsample_mask
-from .layers import LayerNorm2d, trunc_normal_init
+from ..masking import keep_maps
+from .layers import LayerNorm2d, apply_keep, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
 # name: (channels, blocks per level, columns, default drop path)
@@ -37,10 +37,6 @@ REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int, float]] = {
 
 STEM_STRIDE = 4
 Masks = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]  # keep (B,1,h,w) per level
-
-
-def _masked(x: Tensor, keep: Tensor | None) -> Tensor:
-    return x if keep is None else x * keep
 
 
 class Block(nn.Module):
@@ -60,7 +56,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         out = self.dwconv(x).permute(0, 2, 3, 1)                      # (B, H, W, C)
         out = self.pwconv2(self.act(self.pwconv1(self.norm(out)))) * self.gamma
-        return _masked(x + self.drop_path(out.permute(0, 3, 1, 2)), keep)
+        return apply_keep(x + self.drop_path(out.permute(0, 3, 1, 2)), keep)
 
 
 class UpSample(nn.Module):
@@ -104,7 +100,7 @@ class Level(nn.Module):
                                     for j in range(layers[level]))
 
     def forward(self, low: Tensor, high: Tensor | None, keep: Tensor | None = None) -> Tensor:
-        x = _masked(self.fusion(low, high), keep)
+        x = apply_keep(self.fusion(low, high), keep)
         for block in self.blocks:
             x = block(x, keep)
         return x
@@ -317,14 +313,14 @@ class RevCol(nn.Module):
     def _keeps(self, x: Tensor, mask: Tensor | None) -> Masks:
         if mask is None:
             return (None, None, None, None)
-        grid = patch_grid(x.shape[-2:], self.patch_size)
-        return tuple(1.0 - upsample_mask(mask, grid, self.patch_size // (STEM_STRIDE * 2 ** i))
-                     .unsqueeze(1).type_as(x) for i in range(4))
+        strides = [STEM_STRIDE * 2 ** i for i in range(4)]
+        return tuple(keep.unsqueeze(1).type_as(x)
+                     for keep in keep_maps(mask, x.shape[-2:], self.patch_size, strides))
 
     def forward_columns(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """(B, 3, H, W) → the last column's [c0, c1, c2, c3] (strides 4…32)."""
         keeps = self._keeps(x, mask)
-        x = _masked(self.stem(x), keeps[0])
+        x = apply_keep(self.stem(x), keeps[0])
         columns: list[Tensor | None] = [None] * 4
         for k in range(self.num_subnet):
             columns = getattr(self, f"subnet{k}")(x, columns, keeps, self.reversible)
