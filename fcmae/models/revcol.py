@@ -15,7 +15,7 @@ is exactly zero at removed sites and nothing leaks across 32-px patches.
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ..masking import keep_maps
-from .layers import LayerNorm2d, apply_keep, trunc_normal_init
+from .layers import BlockSequence, LayerNorm2d, apply_keep, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
 # name: (channels, blocks per level, columns, default drop path)
@@ -96,20 +96,21 @@ class Level(nn.Module):
         super().__init__()
         start = sum(layers[:level])
         self.fusion = Fusion(level, channels, first_column)
-        self.blocks = nn.ModuleList(Block(channels[level], drop_rates[start + j], kernel_size)
-                                    for j in range(layers[level]))
+        self.blocks = BlockSequence(*[Block(channels[level], drop_rates[start + j], kernel_size)
+                                      for j in range(layers[level])])
 
     def forward(self, low: Tensor, high: Tensor | None, keep: Tensor | None = None) -> Tensor:
-        x = apply_keep(self.fusion(low, high), keep)
-        for block in self.blocks:
-            x = block(x, keep)
-        return x
+        return self.blocks(apply_keep(self.fusion(low, high), keep), keep)
 
 
-def _column_forward(levels, alphas, x: Tensor, prev: Sequence[Tensor | None], keeps: Masks) -> list[Tensor]:
-    """One column: c_i = alpha_i * prev_i + Level_i(low, prev_{i+1}); prev None = column 0."""
+def _column_forward(levels, alphas, x: Tensor, prev: Sequence[Tensor | None], keeps: Masks,
+                    before_level: Callable[[], None] | None = None) -> list[Tensor]:
+    """One column: c_i = alpha_i * prev_i + Level_i(low, prev_{i+1}); prev None = column 0.
+    ``before_level()`` runs before each level (the reversible column records RNG states)."""
     outputs: list[Tensor] = []
     for i, (level, alpha) in enumerate(zip(levels, alphas)):
+        if before_level is not None:
+            before_level()
         low = x if i == 0 else outputs[i - 1]
         high = prev[i + 1] if i < 3 else None
         out = level(low, high, keeps[i])
@@ -131,15 +132,9 @@ class ReversibleColumn(torch.autograd.Function):
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         ctx.rng = []
-        prev_or_none = [None] * 4 if first_column else list(prev)
-        outputs: list[Tensor] = []
         with torch.no_grad():
-            for i, (level, alpha) in enumerate(zip(levels, alphas)):
-                ctx.rng.append(_rng_state(x.device))
-                low = x if i == 0 else outputs[i - 1]
-                high = prev_or_none[i + 1] if i < 3 else None
-                out = level(low, high, keeps[i])
-                outputs.append(out if prev_or_none[i] is None else alpha * prev_or_none[i] + out)
+            outputs = _column_forward(levels, alphas, x, [None] * 4 if first_column else list(prev), keeps,
+                                      before_level=lambda: ctx.rng.append(_rng_state(x.device)))
         ctx.save_for_backward(x, *outputs)
         return tuple(outputs)
 
