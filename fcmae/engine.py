@@ -140,7 +140,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     return {"loss": sum(losses) / len(losses)}, step
 
 
-
 @dataclass
 class RunInfo:
     """What every checkpoint records about the run besides the training state."""

@@ -28,6 +28,7 @@ from .models.internimage import dcn_options
 from .models.layers import enable_grad_checkpointing
 from .optim import layer_decay_param_groups, param_groups
 
+
 def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
     """``DATA/train`` and ``DATA/val`` ImageFolder trees with the same classes."""
     root = Path(args.data_path)
