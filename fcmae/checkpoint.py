@@ -6,12 +6,14 @@ A checkpoint is a dict with the official FCMAE fields ``model``, ``optimizer``, 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -25,15 +27,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (missing, corrupt, or of another model)."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``:
-    a crash mid-write never leaves a truncated file at ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it over
+    ``path``: a crash mid-write never leaves a truncated file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())   # mkstemp makes 0600; honour the umask instead
         with os.fdopen(handle, "wb") as tmp:
-            torch.save(obj, tmp)
+            write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
@@ -42,19 +45,76 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Call ``fill(folder)`` on a temporary folder beside ``path``, then move it to ``path``
+    (an existing ``path`` is replaced only once the new folder is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        for file in tmp.iterdir():
+            os.chmod(file, 0o666 & ~_umask())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Weights (and string ``metadata``) as one ``.safetensors`` file, written atomically."""
+    from safetensors.torch import save
+    payload = save({key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()},
+                   metadata=metadata)
+    atomic_write(path, lambda file: file.write(payload))
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``); a clear error if it is not one."""
+    """Load a checkpoint safely; a clear error if it is not one.
+
+    ``.safetensors`` files come back as ``{"model": tensors, **metadata}``; anything else goes
+    through ``torch.load(weights_only=True)``, with ``argparse.Namespace`` allowed because
+    official ConvNeXt-V2 checkpoints store their ``args`` as one.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            checkpoint = _load_safetensors(path)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'corrupt file'}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt", device="cpu") as file:
+        metadata = file.metadata() or {}
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    return {**metadata, "model": tensors}
 
 
 def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -83,6 +143,42 @@ def check_compatible(model_state: dict[str, torch.Tensor], state: dict[str, torc
               f"shape of {mismatched[0]} is {found[mismatched[0]]}, expected {expected[mismatched[0]]}")
     raise CheckpointError(f"checkpoint {str(path)!r} holds {saved}, but this run builds "
                           f"{model_name!r} with these settings: {detail}")
+
+
+def init_from_fcmae(model: nn.Module, path: str | os.PathLike, model_name: str) -> str:
+    """Load the weights of an FCMAE checkpoint (ours or the official ConvNeXt-V2 layout) into
+    the FCMAE ``model`` to continue pretraining: encoder and decoder where the file has both,
+    the encoder alone for a decoder-less file. Optimizer, schedule and step start fresh.
+
+    Returns what was loaded, in words; raises :class:`CheckpointError` for another model."""
+    from .convert import ENCODER_PREFIX, encoder_state, infer_model_name
+    checkpoint = load_checkpoint(path)
+    state = state_dict_of(checkpoint)
+    encoder = encoder_state(state)
+    saved_name = checkpoint.get("model_name")
+    if not isinstance(saved_name, str):
+        try:
+            saved_name = infer_model_name(encoder)
+        except CheckpointError:
+            saved_name = None
+    check_compatible(model.encoder.state_dict(), encoder, model_name, saved_name, path)
+    decoder = {key: value for key, value in state.items() if not key.startswith(ENCODER_PREFIX)}
+    if not any(key.startswith(ENCODER_PREFIX) for key in state) or not decoder:
+        model.encoder.load_state_dict(encoder)
+        return "encoder only (the file has no decoder; the decoder starts fresh)"
+    own_decoder = {key: value for key, value in model.state_dict().items()
+                   if not key.startswith(ENCODER_PREFIX)}
+    if {k: v.shape for k, v in own_decoder.items()} != {k: v.shape for k, v in decoder.items()}:
+        raise CheckpointError(f"the decoder in {str(path)!r} ({_decoder_size(decoder)}) differs from this "
+                              f"run's ({_decoder_size(own_decoder)}); pass matching --decoder-dim/--decoder-depth")
+    model.load_state_dict(state)
+    return "encoder and decoder"
+
+
+def _decoder_size(decoder: dict[str, torch.Tensor]) -> str:
+    dim = decoder["proj.weight"].shape[0] if "proj.weight" in decoder else "?"
+    depth = len({key.split(".")[1] for key in decoder if key.startswith("decoder.")})
+    return f"dim {dim}, depth {depth}"
 
 
 def capture_rng_state() -> dict[str, Any]:

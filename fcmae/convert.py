@@ -3,13 +3,14 @@ ConvNeXt V2 (official layout) → timm layout. The key maps live here and nowher
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from sparse_ops.layout import conv_kernel_to_weight, depthwise_kernel_to_weight
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_folder, atomic_save, save_safetensors
 
 ENCODER_PREFIX = "encoder."
 
@@ -165,3 +166,50 @@ def verify(sparse_state: dict[str, Tensor], dense_state: dict[str, Tensor], mode
         mask = random_masks(batch_size, num_patches, mask_ratio, generator=generator)
         worst = max(worst, (encoder(imgs, mask) - dense.forward_features(imgs, mask)).abs().max().item())
     return worst
+
+
+def timm_folder_model(model_name: str, timm_state: dict[str, Tensor], input_size: int = 224) -> nn.Module:
+    """A head-less timm model (``num_classes=0``) holding ``timm_state``, its ``pretrained_cfg``
+    describing these weights: what :func:`save_converted` exports as a timm model folder.
+
+    The final ``head.norm`` keeps its fresh (identity) values, so the folder loads strictly."""
+    import timm
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    missing, unexpected = model.load_state_dict(timm_state, strict=False)
+    if unexpected or any(not key.startswith("head.norm.") for key in missing):
+        raise CheckpointError(f"converted weights do not fit timm {model_name}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    cfg = {key: value for key, value in model.pretrained_cfg.items()
+           if key not in ("url", "hf_hub_id", "file", "state_dict", "license", "tag",
+                          "test_input_size", "test_crop_pct")}   # those describe timm's ImageNet weights
+    model.pretrained_cfg = {**cfg, "tag": "fcmae", "num_classes": 0,
+                            "input_size": (3, input_size, input_size),
+                            "pool_size": (input_size // 32, input_size // 32)}
+    return model
+
+
+def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, output: Path,
+                   input_size: int = 224) -> str:
+    """Write converted weights atomically; the kind of file follows ``output``'s name:
+
+    * ``*.safetensors``: the tensors, with ``model_name`` and ``format`` as metadata;
+    * no suffix, with ``fmt='timm'``: a timm model folder (``model.safetensors`` +
+      ``config.json``) that ``timm.create_model('local-dir:FOLDER')`` loads;
+    * anything else: ``torch.save`` (official: ``{'model': ...}``; timm: a bare state dict).
+
+    Returns what was written, in words."""
+    output = Path(output)
+    if output.suffix == ".safetensors":
+        save_safetensors(dense_state, output, {"model_name": model_name, "format": f"{fmt}-dense"})
+        return f"{fmt} safetensors file"
+    if output.suffix == "":
+        if fmt != "timm":
+            raise ValueError(f"{output} has no file suffix: a model folder is written for --format timm "
+                             "only; name a .pth or .safetensors file")
+        from timm.models import save_for_hf
+        model = timm_folder_model(model_name, dense_state, input_size)
+        atomic_folder(output, lambda folder: save_for_hf(model, str(folder), safe_serialization=True))
+        return "timm model folder (model.safetensors + config.json)"
+    atomic_save(dense_state if fmt == "timm" else
+                {"model": dense_state, "model_name": model_name, "format": "official-dense"}, output)
+    return f"{fmt} .pth file"

@@ -36,6 +36,8 @@ def validate(args: argparse.Namespace) -> None:
     check_mask_ratio(args.mask_ratio)
     patch_grid((args.input_size, args.input_size), 32)
     dcn_options(args.model, args.dcn_impl, torch.device(args.device).type)   # refuses a bad --dcn-impl early
+    if args.init and not Path(args.init).is_file():
+        raise ckpt.CheckpointError(f"--init {args.init!r} is not a file")
     for name in ("epochs", "batch_size", "accum_iter"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -76,7 +78,12 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
         start_epoch, step = ckpt.resume_training(resume_path, model, optimizer, scaler, args.model,
                                                  rank, world_size)
         if main:
-            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
+            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}"
+                  + (f" (--init {args.init} is already part of this run)" if args.init else ""))
+    elif args.init:
+        loaded = ckpt.init_from_fcmae(model, args.init, args.model)
+        if main:
+            print(f"initialised from {args.init}: {loaded}; fresh optimizer and schedule")
 
     train_model = model
     if world_size > 1:

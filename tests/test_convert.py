@@ -1,10 +1,15 @@
+import argparse
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
 
 import fcmae
 import fcmae.convert
-from fcmae.checkpoint import atomic_save
+from fcmae.checkpoint import atomic_save, load_checkpoint, save_safetensors
 from fcmae.cli.convert import main
 from fcmae.convert import convert_state, verify
 
@@ -110,3 +115,86 @@ def test_wrong_model_name_is_refused(official_style_checkpoint, tmp_path, capsys
     assert run_cli([path, "-o", tmp_path / "x.pth", "--model", "convnextv2_femto"]) == 2
     err = capsys.readouterr().err
     assert "'convnextv2_femto'" in err and "'convnextv2_atto'" in err
+
+
+# Runs in a fresh interpreter where importing fcmae or sparse_ops fails: the folder must load
+# with timm alone, both through timm's local-folder source and through a file overlay.
+TIMM_ONLY_LOADER = """
+import sys
+sys.modules["fcmae"] = sys.modules["sparse_ops"] = None
+import timm, torch
+folder, reference = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+local = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+assert local.num_classes == 0 and local.pretrained_cfg["input_size"] == (3, 64, 64)
+overlay = timm.create_model("convnextv2_atto", pretrained=True, num_classes=10,
+                            pretrained_cfg_overlay=dict(file=folder + "/model.safetensors")).eval()
+with torch.no_grad():
+    for model in (local, overlay):
+        torch.testing.assert_close(model.forward_features(reference["imgs"]), reference["features"],
+                                   atol=1e-4, rtol=1e-4)
+print("timm-only load ok")
+"""
+
+
+def test_timm_folder_loads_in_timm_without_fcmae(official_style_checkpoint, tmp_path):
+    path, model = official_style_checkpoint
+    source = tmp_path / "fcmae.pth"
+    torch.save({**torch.load(path, weights_only=True), "args": {"input_size": 64}}, source)
+    folder = tmp_path / "convnextv2_atto_timm"
+    assert run_cli([source, "-o", folder, "--format", "timm", "--verify"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.save({"imgs": imgs, "features": model.encoder(imgs, torch.zeros(2, 4))}, tmp_path / "ref.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", TIMM_ONLY_LOADER, str(folder), str(tmp_path / "ref.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "timm-only load ok" in result.stdout
+
+
+def test_safetensors_in_and_out(official_style_checkpoint, tmp_path):
+    _, model = official_style_checkpoint
+    source = tmp_path / "fcmae.safetensors"
+    save_safetensors(model.state_dict(), source, {"model_name": "convnextv2_atto"})
+    out = tmp_path / "dense.safetensors"
+    assert run_cli([source, "-o", out, "--verify"]) == 0
+    written = load_checkpoint(out)
+    assert written["model_name"] == "convnextv2_atto" and written["format"] == "official-dense"
+    expected, _ = convert_state(model.state_dict())
+    assert written["model"].keys() == expected.keys()
+    assert all(torch.equal(written["model"][key], value) for key, value in expected.items())
+
+
+def test_official_checkpoint_with_namespace_args_loads_weights_only(official_style_checkpoint, tmp_path):
+    path, _ = official_style_checkpoint
+    source = tmp_path / "official.pth"
+    torch.save({**torch.load(path, weights_only=True), "args": argparse.Namespace(input_size=224)}, source)
+    assert load_checkpoint(source)["args"].input_size == 224
+    assert run_cli([source, "-o", tmp_path / "dense.pth"]) == 0
+
+
+def test_folder_output_needs_timm_format_and_output_cannot_be_the_input(official_style_checkpoint,
+                                                                         tmp_path, capsys):
+    path, _ = official_style_checkpoint
+    assert run_cli([path, "-o", tmp_path / "folder"]) == 2
+    assert "--format timm" in capsys.readouterr().err
+    copy = tmp_path / "fcmae.pth"
+    copy.write_bytes(path.read_bytes())
+    assert run_cli([copy, "-o", copy, "--force"]) == 2
+    assert "is the input checkpoint" in capsys.readouterr().err
+    assert copy.read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fcmae.pth"]
+
+
+def test_written_files_honour_the_umask(official_style_checkpoint, tmp_path):
+    path, _ = official_style_checkpoint
+    previous = os.umask(0o022)
+    try:
+        assert run_cli([path, "-o", tmp_path / "dense.pth"]) == 0
+        assert run_cli([path, "-o", tmp_path / "timm_folder", "--format", "timm"]) == 0
+    finally:
+        os.umask(previous)
+    for file in (tmp_path / "dense.pth", tmp_path / "timm_folder" / "model.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o644, file

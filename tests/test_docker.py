@@ -10,18 +10,6 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 
 
-def setup_pin(package):
-    match = re.search(rf'"{package}==([\d.]+)"', (REPO / "setup.py").read_text())
-    assert match, f"{package} is not pinned in setup.py"
-    return match.group(1)
-
-
-def test_dockerfile_versions_agree_with_setup_py():
-    text = DOCKERFILE.read_text()
-    assert f"ARG TORCH_VERSION={setup_pin('torch')}" in text
-    assert f"ARG TORCHVISION_VERSION={setup_pin('torchvision')}" in text
-
-
 def test_image_builds_minkowski_with_the_script_ci_uses():
     script = "tools/install_minkowski.sh"
     assert (REPO / script).is_file()

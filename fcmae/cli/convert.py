@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .. import checkpoint as ckpt
-from ..convert import FORMATS, convert_state, verify
+from ..convert import FORMATS, convert_state, save_converted, verify
 from . import run_or_exit
 
 
@@ -16,8 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn an FCMAE checkpoint (from fcmae-pretrain, any backend, or an official "
                     "ConvNeXt-V2 FCMAE checkpoint) into dense encoder weights. Decoder weights are "
                     "dropped; the final norm and classifier are absent (fine-tuning starts them fresh).")
-    parser.add_argument("checkpoint", help="FCMAE checkpoint (.pth)")
-    parser.add_argument("-o", "--output", required=True, help="where to write the dense weights")
+    parser.add_argument("checkpoint", help="FCMAE checkpoint (.pth or .safetensors)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="where to write the dense weights: NAME.pth (torch.save), NAME.safetensors, "
+                             "or, with --format timm, a folder name without suffix (model.safetensors + "
+                             "config.json, loadable by timm alone)")
     parser.add_argument("--format", choices=FORMATS, default="official",
                         help="official: {'model': state_dict} as the official repo and fcmae.create_model "
                              "load it; timm: a bare state_dict for timm.create_model('convnextv2_*')")
@@ -31,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
+    if output.exists() and output.resolve() == Path(args.checkpoint).resolve():
+        raise FileExistsError(f"-o {output} is the input checkpoint; write the dense weights elsewhere")
     if output.exists() and not args.force:
         raise FileExistsError(f"{output} exists; pass --force to overwrite it")
     source = ckpt.load_checkpoint(args.checkpoint)
@@ -44,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"fcmae-convert: error: verification failed ({max_diff:.3g} > {args.tolerance:g}); "
                   f"nothing written", file=sys.stderr)
             return 1
-    payload = dense_state if args.format == "timm" else {
-        "model": dense_state, "model_name": model_name, "format": "official-dense"}
-    ckpt.atomic_save(payload, output)
-    print(f"wrote {args.format} {model_name} encoder weights ({len(dense_state)} tensors) to {output}")
+    saved_args = source.get("args")   # a dict in our checkpoints, a Namespace in official ones
+    saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args or {}
+    input_size = int(saved_args.get("input_size") or 224)
+    written = save_converted(dense_state, model_name, args.format, output, input_size)
+    print(f"wrote {model_name} encoder weights ({len(dense_state)} tensors) to {output}: {written}")
     return 0
 
 

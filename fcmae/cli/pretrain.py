@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_execution_arguments(parser)
     add("--seed", type=int, default=0)
     add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT/checkpoint-last.pth if present")
+    add("--init", default=None,
+        help="continue pretraining from an FCMAE checkpoint (ours or official, .pth or .safetensors): "
+             "loads encoder + decoder (encoder only if the file has no decoder) with a fresh optimizer "
+             "and schedule; a checkpoint found by --resume takes precedence")
     add("--save-every", "--save_every", type=int, default=0,
         help="also keep checkpoint-EPOCH.pth every N epochs (checkpoint-last.pth is always written)")
     add("--vis-every", "--vis_every", type=int, default=50,
