@@ -181,6 +181,20 @@ def _decoder_size(decoder: dict[str, torch.Tensor]) -> str:
     return f"dim {dim}, depth {depth}"
 
 
+def first_non_finite(state: dict[str, Any], prefix: str = "") -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf anywhere in ``state``
+    (nested dicts, e.g. model and EMA weights), or None when every one is finite."""
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found = first_non_finite(value, f"{name}.")
+            if found is not None:
+                return found
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
+
+
 def capture_rng_state() -> dict[str, Any]:
     """RNG states of torch (CPU and CUDA), Python and NumPy, as weights-only-loadable values."""
     np_state = np.random.get_state()

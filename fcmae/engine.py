@@ -121,6 +121,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
             continue
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or math.inf).item()
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():   # fp16's scaler skips such steps
+            progress.close()
+            raise NonFiniteLossError(
+                f"gradient norm is {grad_norm} at epoch {epoch}, step {step + 1}; stopped before updating "
+                f"the weights — lower --lr/--blr or use --clip-grad")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -170,14 +175,23 @@ def fit(model: nn.Module, train_model: nn.Module, loader, optimizer: torch.optim
             sampler.set_epoch(epoch)
         stats, step = train_one_epoch(train_model, loader, optimizer, scaler, loss_fn, config,
                                       epoch, step, device, logger, step_hook)
-        rng = distributed.all_gather_state(ckpt.capture_rng_state())  # before eval draws numbers
+        # Evaluation draws random numbers (data-loader seeds); put the streams back afterwards,
+        # so an uninterrupted run continues exactly where a resumed one does.
+        local_rng = ckpt.capture_rng_state()
+        rng = distributed.all_gather_state(local_rng)
         metrics = end_of_epoch(epoch) if end_of_epoch else {}
+        ckpt.restore_rng_state(local_rng)
+        weights = {"model": model.state_dict(), **(extra_state() if extra_state else {})}
+        broken = ckpt.first_non_finite(weights)   # on every rank: under DDP all ranks stop together
+        if broken is not None:
+            raise NonFiniteLossError(
+                f"{broken} is not finite after epoch {epoch}, step {step}; not saved — {last} "
+                f"still holds the last good state; lower --lr/--blr or use --clip-grad")
         if distributed.is_main_process():
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {**weights, "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                      "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
-                     "model_name": run.model_name, "rng": rng, "format": ckpt.FORMAT,
-                     **(extra_state() if extra_state else {})}
+                     "model_name": run.model_name, "rng": rng, "format": ckpt.FORMAT}
             ckpt.atomic_save(state, last)
             if run.save_every and (epoch + 1) % run.save_every == 0:
                 ckpt.atomic_save(state, run.output_dir / f"checkpoint-{epoch}.pth")

@@ -105,9 +105,15 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str) -> dict[s
 
 def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     """Fine-tune (or linear-probe, or just evaluate); returns the last validation metrics."""
+    output_dir = Path(args.output_dir)
+    if args.eval and not args.finetune and ckpt.find_resume(args.resume, output_dir) is None:
+        raise ckpt.CheckpointError("--eval needs weights to evaluate: pass --finetune PATH, or --resume "
+                                   "PATH (or auto, with a checkpoint in --output-dir)")
+    if args.batch_size % 2 and not args.linear_probe and (args.mixup > 0 or args.cutmix > 0):
+        raise ValueError(f"--batch-size {args.batch_size} is odd; mixup/cutmix mix pairs of images: use an "
+                         f"even batch size, or --mixup 0 --cutmix 0")
     rank, world_size, device = setup_run(args)
     main = distributed.is_main_process()
-    output_dir = Path(args.output_dir)
 
     train_set, val_set = build_datasets(args)
     num_classes = len(train_set.classes)

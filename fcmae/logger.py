@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ class RunLogger:
         """Append ``record`` as one JSON line and each numeric value as a scalar."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        finite = {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+                  for key, value in record.items()}   # JSON has no NaN/Infinity: write null
+        self.jsonl.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
         self.jsonl.flush()
         for key, value in record.items():
             if isinstance(value, (int, float)) and key not in ("step", "epoch"):

@@ -23,6 +23,22 @@ def patch_grid(image_size: tuple[int, int], patch_size: int) -> tuple[int, int]:
     return height // patch_size, width // patch_size
 
 
+def check_pretraining_masks(image_size: int, patch_size: int, mask_ratio: float) -> None:
+    """Refuse settings where an image of ``image_size``² pixels would keep no visible patch or
+    lose none (nothing to encode, or nothing to reconstruct); the message says what works."""
+    grid = patch_grid((image_size, image_size), patch_size)
+    num_patches = grid[0] * grid[1]
+    num_keep = int(num_patches * (1 - check_mask_ratio(mask_ratio)))
+    if 1 <= num_keep < num_patches:
+        return
+    if num_patches < 2:
+        raise ValueError(f"--input-size {image_size} gives a single {patch_size}-px patch, which cannot be both "
+                         f"visible and removed; use --input-size {2 * patch_size} or larger (e.g. 224)")
+    raise ValueError(f"--mask-ratio {mask_ratio:g} at --input-size {image_size} ({num_patches} patches) keeps "
+                     f"{num_keep} visible; every image needs >= 1 visible and >= 1 removed patch: use a ratio "
+                     f"in (0, {1 - 1 / num_patches:.4g}] or a larger --input-size")
+
+
 def random_masks(batch_size: int, num_patches: int, mask_ratio: float,
                  device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> Tensor:

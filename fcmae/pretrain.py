@@ -13,7 +13,7 @@ from . import create_fcmae, distributed
 from .data import DataError, build_pretrain_dataset
 from .engine import RunInfo, ScheduleConfig, fit, make_scaler, setup_run
 from .logger import RunLogger, reconstruction_grid
-from .masking import check_mask_ratio, patch_grid
+from .masking import check_pretraining_masks
 from .models.internimage import dcn_options
 from .models.layers import enable_grad_checkpointing
 from .optim import param_groups
@@ -33,8 +33,7 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
-    check_mask_ratio(args.mask_ratio)
-    patch_grid((args.input_size, args.input_size), 32)
+    check_pretraining_masks(args.input_size, 32, args.mask_ratio)
     dcn_options(args.model, args.dcn_impl, torch.device(args.device).type)   # refuses a bad --dcn-impl early
     if args.init and not Path(args.init).is_file():
         raise ckpt.CheckpointError(f"--init {args.init!r} is not a file")

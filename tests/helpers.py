@@ -42,3 +42,15 @@ def assert_param_count(name: str, expected_millions: float, tolerance: float = 0
         model = fcmae.create_model(name)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(params_m - expected_millions) / expected_millions < tolerance, f"{name}: {params_m:.2f}M"
+
+
+def interrupt_at_epoch(monkeypatch, stop_epoch, error=KeyboardInterrupt):
+    """Make the run die when ``stop_epoch`` starts, as a killed job would."""
+    import fcmae.engine
+    real = fcmae.engine.train_one_epoch
+
+    def wrapped(*args, **kwargs):
+        if args[6] == stop_epoch:
+            raise error("simulated failure")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fcmae.engine, "train_one_epoch", wrapped)

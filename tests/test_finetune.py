@@ -12,7 +12,7 @@ from fcmae.convert import convert_state
 from fcmae.data import demo_photo_paths
 from fcmae.optim import layer_decay_param_groups
 
-from .helpers import randomize_
+from .helpers import interrupt_at_epoch, randomize_
 
 QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--epochs", "2",
          "--num-workers", "0", "--warmup-epochs", "1", "--blr", "1e-2", "--model-ema-decay", "0.9"]
@@ -144,3 +144,22 @@ def test_other_encoder_families_fine_tune_from_fcmae_weights(name, extra, labele
                             "--layer-decay", "0.8"] + extra) == 0
     trained = load_checkpoint(out / "checkpoint-last.pth")["model"]
     assert set(dense) < set(trained)
+
+
+def test_two_epochs_equal_one_plus_one_with_resume(labeled_folder, pretrained, tmp_path, monkeypatch):
+    """Evaluation between epochs must not shift the random streams: model and EMA bit for bit."""
+    _, dense_path, _ = pretrained
+    common = QUICK + ["--data-path", labeled_folder, "--finetune", dense_path, "--seed", "5",
+                      "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli(common + ["--output-dir", straight]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 1)
+        assert run_cli(common + ["--output-dir", split]) == 130
+    assert load_checkpoint(split / "checkpoint-last.pth")["epoch"] == 0
+    assert run_cli(common + ["--output-dir", split, "--resume", "auto"]) == 0
+    a, b = load_checkpoint(straight / "checkpoint-last.pth"), load_checkpoint(split / "checkpoint-last.pth")
+    assert a["epoch"] == b["epoch"] == 1
+    for part in ("model", "model_ema"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"

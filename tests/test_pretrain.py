@@ -13,6 +13,8 @@ from fcmae.cli.pretrain import build_parser, main
 from fcmae.data import DEMO_TRAIN_PHOTOS, demo_photo_paths
 from fcmae.pretrain import run_pretraining
 
+from .helpers import interrupt_at_epoch
+
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
          "--num-workers", "0", "--blr", "0.1", "--warmup-epochs", "1", "--vis-every", "1"]
@@ -87,18 +89,6 @@ def test_loss_decreases_on_a_fixed_batch():
                     fixed_mask_loss, config, 0, 0, torch.device("cpu"), RunLogger(None))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0], losses
-
-
-def interrupt_at_epoch(monkeypatch, stop_epoch, error=KeyboardInterrupt):
-    """Make the run die when ``stop_epoch`` starts, as a killed job would."""
-    import fcmae.engine
-    real = fcmae.engine.train_one_epoch
-
-    def wrapped(*args, **kwargs):
-        if args[6] == stop_epoch:
-            raise error("simulated failure")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(fcmae.engine, "train_one_epoch", wrapped)
 
 
 def test_two_epochs_equal_one_plus_one_with_resume(image_folder, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Command-line entry points: argument parsing only; the work lives in the package."""
 import argparse
+import math
 import sys
 from typing import Callable, NoReturn
 
@@ -15,6 +16,38 @@ def run_or_exit(prog: str, job: Callable[[], object], user_errors: tuple[type[Ba
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> Callable[[str], float | int]:
+    """An argparse ``type``: a finite ``kind`` (int or float) in the range [low, high]
+    (``low_open``/``high_open`` exclude the end). Out of range is argparse's one-line error,
+    before any data is read."""
+    lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    upper = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    wanted = f"a finite {'whole ' if kind is int else ''}number" + \
+        (f" {lower}" if lower else "") + (" and" if lower and upper else "") + (f" {upper}" if upper else "")
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if (not math.isfinite(value)
+                or (low is not None and (value < low or (low_open and value == low)))
+                or (high is not None and (value > high or (high_open and value == high)))):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = number(int, 1)
+NON_NEGATIVE_INT = number(int, 0)
+POSITIVE = number(float, 0, low_open=True)
+NON_NEGATIVE = number(float, 0)
+PROBABILITY = number(float, 0, 1)
+SEED = number(int, 0, 2 ** 31 - 1)
 
 
 def add_execution_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from ..convert import FORMATS, convert_state, save_converted, verify
-from . import run_or_exit
+from . import NON_NEGATIVE, run_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="expected model name (inferred from shapes if omitted)")
     parser.add_argument("--verify", action="store_true",
                         help="run sparse and dense models on a random batch and compare (exit 1 above --tolerance)")
-    parser.add_argument("--tolerance", type=float, default=1e-3, help="max abs difference allowed by --verify")
+    parser.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-3, help="max abs difference allowed by --verify")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     return parser
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         max_diff = verify(sparse_state, dense_state, model_name, args.format)
         print(f"verify: max abs difference encoder vs dense model = {max_diff:.3g} (tolerance {args.tolerance:g})")
-        if max_diff > args.tolerance:
+        if not max_diff <= args.tolerance:   # NaN fails too
             print(f"fcmae-convert: error: verification failed ({max_diff:.3g} > {args.tolerance:g}); "
                   f"nothing written", file=sys.stderr)
             return 1

@@ -1,0 +1,131 @@
+"""Bad flags and settings: one ``error:`` line, a non-zero exit, no traceback, no file touched."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+from fcmae.checkpoint import load_checkpoint
+from fcmae.cli import convert, finetune, pretrain
+
+
+PRETRAIN = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
+            "--num-workers", "0", "--vis-every", "0", "--epochs", "1", "--steps-per-epoch", "1"]
+
+CASES = [  # (command, arguments, what the error line must say: |-separated parts)
+    ("pretrain", ["--lr", "inf"], "--lr|must be a finite number"),
+    ("pretrain", ["--blr", "nan"], "--blr|must be a finite number > 0"),
+    ("pretrain", ["--warmup-epochs", "nan"], "--warmup-epochs"),
+    ("pretrain", ["--clip-grad", "-1"], "--clip-grad|must be a finite number > 0"),
+    ("pretrain", ["--clip-grad", "0"], "--clip-grad|must be a finite number > 0"),
+    ("pretrain", ["--weight-decay", "-1"], "--weight-decay|must be a finite number >= 0"),
+    ("pretrain", ["--steps-per-epoch", "-1"], "--steps-per-epoch|must be a finite whole number >= 1"),
+    ("pretrain", ["--epochs", "1.5"], "--epochs|must be a finite whole number"),
+    ("pretrain", ["--mask-ratio", "1"], "--mask-ratio"),
+    ("pretrain", ["--mask-ratio", "0"], "--mask-ratio"),
+    ("pretrain", ["--mask-ratio", "0.9"], "keeps 0 visible"),
+    ("pretrain", ["--input-size", "32"], "single 32-px patch"),
+    ("pretrain", ["--input-size", "-32"], "--input-size|must be a finite whole number >= 1"),
+    ("pretrain", ["--input-size", "100"], "not a multiple of the patch size"),
+    ("pretrain", ["--seed", "-3"], "--seed"),
+    ("pretrain", ["--init", "missing.pth"], "is not a file"),
+    ("finetune", ["--layer-decay", "0"], "--layer-decay|must be a finite number > 0 and <= 1"),
+    ("finetune", ["--drop-path", "1"], "--drop-path|must be a finite number >= 0 and < 1"),
+    ("finetune", ["--smoothing", "nan"], "--smoothing"),
+    ("finetune", ["--hflip", "1.5"], "--hflip|must be a finite number >= 0 and <= 1"),
+    ("finetune", ["--model-ema-decay", "inf"], "--model-ema-decay"),
+    ("finetune", ["--eval"], "--eval needs weights"),
+    ("finetune", ["--batch-size", "3"], "is odd; mixup/cutmix mix pairs"),
+    ("convert", ["--tolerance", "nan"], "--tolerance|must be a finite number >= 0"),
+    ("convert", ["--tolerance", "-1"], "--tolerance|must be a finite number >= 0"),
+]
+
+
+def tree_digest(root):
+    """Names and contents of every file below ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run(command, arguments, tmp_path):
+    out = tmp_path / "out"
+    if command == "pretrain":
+        argv, entry = PRETRAIN + ["--output-dir", str(out)] + arguments, pretrain.main
+    elif command == "finetune":
+        argv = ["--data-path", str(tmp_path / "data"), "--output-dir", str(out)] + arguments
+        entry = finetune.main
+    else:
+        argv, entry = [str(tmp_path / "fcmae.pth"), "-o", str(out / "dense.pth")] + arguments, convert.main
+    try:
+        entry(argv)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+@pytest.mark.parametrize("command,arguments,message", CASES, ids=[" ".join([c, *a]) for c, a, _ in CASES])
+def test_bad_input_is_one_error_line_and_touches_nothing(command, arguments, message, tmp_path, capsys,
+                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("earlier run")
+    before = tree_digest(tmp_path)
+    code = run(command, arguments, tmp_path)
+    err = capsys.readouterr().err
+    assert code not in (0, None)
+    error_lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and all(part in error_lines[0] for part in message.split("|")), err
+    assert "Traceback" not in err
+    assert tree_digest(tmp_path) == before
+
+
+def strict_json_lines(path):
+    def refuse(token):
+        raise ValueError(f"invalid JSON token {token}")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_blow_up_on_the_last_step_of_an_epoch_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert run("pretrain", ["--epochs", "2"], tmp_path) == 0   # capped: 1 step per epoch
+    good = (out / "checkpoint-last.pth").read_bytes()
+    assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 1
+    capsys.readouterr()
+    # one more epoch of a single step, whose update leaves a NaN in the weights: no later loss
+    # in that epoch can notice, only the check before saving can
+    real_step = torch.optim.AdamW.step
+
+    def blow_up(optimizer, *args, **kwargs):
+        result = real_step(optimizer, *args, **kwargs)
+        optimizer.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
+    code = run("pretrain", ["--epochs", "3", "--resume", "auto"], tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and "is not finite after epoch 2" in err and "not saved" in err, err
+    assert (out / "checkpoint-last.pth").read_bytes() == good
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    records = strict_json_lines(out / "log.jsonl")
+    assert records and all("step" in record for record in records)
+
+
+def test_non_finite_values_are_written_as_json_null(tmp_path):
+    from fcmae.logger import RunLogger
+    logger = RunLogger(tmp_path)
+    logger.log({"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.1}, step=3)
+    logger.close()
+    assert strict_json_lines(tmp_path / "log.jsonl") == [{"step": 3, "loss": None, "grad_norm": None, "lr": 0.1}]
+
+
+def test_verify_fails_on_nan_difference(tmp_path, monkeypatch, capsys):
+    import fcmae
+    import fcmae.cli.convert
+    torch.save({"model": fcmae.create_fcmae("convnextv2_atto", decoder_dim=32).state_dict()}, tmp_path / "fcmae.pth")
+    monkeypatch.setattr(fcmae.cli.convert, "verify", lambda *args, **kwargs: float("nan"))
+    assert run("convert", ["--verify"], tmp_path) == 1
+    assert "verification failed" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "dense.pth").exists()
