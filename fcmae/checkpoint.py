@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -21,6 +22,7 @@ from torch import nn
 
 FORMAT = "fcmae-checkpoint-v1"
 LAST = "checkpoint-last.pth"
+TEMP_SUFFIX = ".fcmae-tmp"
 
 
 class CheckpointError(ValueError):
@@ -31,18 +33,51 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it over
     ``path``: a crash mid-write never leaves a truncated file at ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.chmod(tmp_name, 0o666 & ~_umask())   # mkstemp makes 0600; honour the umask instead
         with os.fdopen(handle, "wb") as tmp:
             write(tmp)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp_name is not None:
+            Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError):   # full disk, read-only folder, ...: one line, old file intact
+            raise CheckpointError(f"cannot write {path}: {error.strerror or error}; "
+                                  f"the previous {path.name}, if any, is unchanged") from None
         raise
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted :func:`atomic_write` calls of earlier runs
+    left in ``folder`` (hidden ``.NAME.*.fcmae-tmp``); returns what was removed."""
+    stale = sorted(Path(folder).glob(f".*{TEMP_SUFFIX}")) if Path(folder).is_dir() else []
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
+def check_output_dir(folder: str | os.PathLike) -> None:
+    """Before training: ``folder`` can be created and written, and ``checkpoint-last.pth`` in it
+    is not a folder. Raises :class:`CheckpointError` naming the path."""
+    folder = Path(folder)
+    existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"output dir {folder}: {existing} is a file; choose another --output-dir")
+    try:   # a file made and removed where the first write will go: nothing is left behind
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise CheckpointError(f"cannot write to output dir {folder}: {error.strerror or error}") from None
+    if (folder / LAST).exists() and not (folder / LAST).is_file():
+        raise CheckpointError(f"{folder / LAST} is not a file; remove it or choose another --output-dir")
 
 
 def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
@@ -50,7 +85,7 @@ def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> None
     (an existing ``path`` is replaced only once the new folder is complete)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     old = path.with_name(f".{path.name}.old")
     try:
         fill(tmp)
@@ -102,11 +137,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else 'corrupt file'}") from None
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_why_unreadable(error)}") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+def _why_unreadable(error: Exception) -> str:
+    """One true line for a file torch.load refused (never torch's advice to drop weights_only)."""
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+        return ("it holds Python objects other than tensors and plain values (code could run on "
+                "loading); refused for safety: re-save just the weights, e.g. {'model': state_dict}")
+    if "zip archive" in str(error) or "central directory" in str(error):
+        return "the file is truncated or corrupt (an interrupted copy or save?)"
+    return "not a PyTorch checkpoint or safetensors file"
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:
@@ -134,14 +178,25 @@ def check_compatible(model_state: dict[str, torch.Tensor], state: dict[str, torc
     found = {key: tuple(value.shape) for key, value in state.items()}
     if expected == found:
         return
-    saved = f"model {saved_name!r}" if saved_name else "another model"
+    is_fcmae = {kind: any(key.startswith("encoder.") for key in keys)
+                for kind, keys in (("expected", expected), ("found", found))}
+    if is_fcmae["found"] and not is_fcmae["expected"]:
+        raise CheckpointError(f"{str(path)!r} holds FCMAE pretraining weights, but this run trains a dense "
+                              f"model: pass it as --finetune (converted on the fly), not --resume")
+    if is_fcmae["expected"] and not is_fcmae["found"]:
+        raise CheckpointError(f"{str(path)!r} holds a dense (fine-tuning) model, not FCMAE pretraining "
+                              f"weights with an encoder")
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     mismatched = sorted(key for key in set(expected) & set(found) if expected[key] != found[key])
     detail = (f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else
               f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else
               f"shape of {mismatched[0]} is {found[mismatched[0]]}, expected {expected[mismatched[0]]}")
-    raise CheckpointError(f"checkpoint {str(path)!r} holds {saved}, but this run builds "
+    if saved_name == model_name:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds {model_name!r} built with other settings "
+                              f"than this run: {detail}")
+    holder = f"model {saved_name!r}" if saved_name else "another model"
+    raise CheckpointError(f"checkpoint {str(path)!r} holds {holder}, but this run builds "
                           f"{model_name!r} with these settings: {detail}")
 
 

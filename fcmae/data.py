@@ -8,8 +8,9 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
@@ -51,16 +52,55 @@ def eval_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
     ])
 
 
+def scan_images(root: str | os.PathLike) -> list[Path]:
+    """All image files below ``root``, sorted. Symbolic links are followed, but a folder
+    reached twice (a link cycle, or two links to one place) is read once; a folder that cannot
+    be read is named in a warning and left out."""
+    root = Path(root)
+    seen: set[tuple[int, int]] = set()
+    files: list[Path] = []
+
+    def unreadable(error: OSError) -> None:
+        warnings.warn(f"cannot read folder {error.filename}: {error.strerror}; its images are left out",
+                      stacklevel=3)
+
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            subfolders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        files += [Path(folder) / name for name in names if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(path for path in files if path.is_file())
+
+
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """All image files below ``root`` (an ImageFolder tree or a flat folder), sorted."""
+    """:func:`scan_images` of an existing folder (an ImageFolder tree or a flat folder); a
+    missing folder or one without images is a :class:`DataError`."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data path {str(root)!r} is not a directory")
-    files = sorted(path for path in root.rglob("*")
-                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    files = scan_images(root)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
     return files
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """An image file as 8-bit RGB, whatever its mode: EXIF orientation applied; 16-bit and
+    32-bit integer or float grayscale scaled to 0–255 (not clipped); alpha dropped (the colour
+    under it is kept, as for RGBA → RGB); palette, CMYK, LA, 1-bit converted by Pillow.
+    Images above Pillow's decompression-bomb limit raise (the dataset skips them)."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            values = np.asarray(image, dtype=np.float64)
+            full_scale = 1.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else \
+                255.0 if image.mode == "F" or values.max(initial=0) <= 255 else 65535.0
+            image = Image.fromarray(np.clip(values / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif image.mode == "P":
+            image = image.convert("RGBA")   # palette transparency becomes alpha, then is dropped
+        return image.convert("RGB")
 
 
 def demo_photo_paths(names: Sequence[str] = DEMO_TRAIN_PHOTOS) -> list[Path]:
@@ -74,19 +114,22 @@ def demo_photo_paths(names: Sequence[str] = DEMO_TRAIN_PHOTOS) -> list[Path]:
     return paths
 
 
-class UnlabeledImages(Dataset):
-    """Images as RGB tensors, labels ignored. An unreadable file is skipped with a warning
-    (the next readable one is returned instead) and counted in ``num_skipped``.
+class ImageFiles(Dataset):
+    """Images as RGB tensors, with their class index if ``labels`` are given. An unreadable file
+    (corrupt, truncated, too large) is skipped with a warning — the next readable file is
+    returned instead — and counted in ``num_skipped``.
 
     ``repeats`` lists every file that many times per epoch (for tiny demo sets, where each
     pass draws new random crops).
     """
 
     def __init__(self, files: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor],
-                 repeats: int = 1) -> None:
+                 labels: Sequence[int] | None = None, classes: Sequence[str] = (), repeats: int = 1) -> None:
         if not files:
             raise DataError("dataset is empty")
         self.files = list(files)
+        self.labels = None if labels is None else list(labels)
+        self.classes = list(classes)
         self.transform = transform
         self.repeats = repeats
         self._skipped = multiprocessing.Value("i", 0)  # shared with forked loader workers
@@ -98,27 +141,41 @@ class UnlabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.files) * self.repeats
 
-    @staticmethod
-    def load(path: Path) -> Image.Image:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         index %= len(self.files)
         for attempt in range(len(self.files)):
-            path = self.files[(index + attempt) % len(self.files)]
+            position = (index + attempt) % len(self.files)
             try:
-                return self.transform(self.load(path))
-            except (OSError, UnidentifiedImageError, ValueError) as error:
+                image = self.transform(load_rgb(self.files[position]))
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
                 with self._skipped.get_lock():
                     self._skipped.value += 1
-                warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
-        raise DataError("no image in the dataset could be read")
+                warnings.warn(f"skipping unreadable image {self.files[position]}: {error}", stacklevel=2)
+                continue
+            return image if self.labels is None else (image, self.labels[position])
+        raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
 
 
-def build_pretrain_dataset(data_path: str | None, input_size: int, demo_repeats: int = 8) -> UnlabeledImages:
+def labeled_images(root: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor]) -> ImageFiles:
+    """An ImageFolder tree (``root/<class>/**/<image>``) as a labeled :class:`ImageFiles`;
+    classes are the sorted sub-folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data path {str(root)!r} is not a directory")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = scan_images(root / name)
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(f"no images in class folders under {str(root)!r} (expected {root}/<class>/<image>)")
+    return ImageFiles(files, transform, labels, classes)
+
+
+def build_pretrain_dataset(data_path: str | None, input_size: int, demo_repeats: int = 8) -> ImageFiles:
     """The user's folder, or (``data_path`` None) the built-in demo photos."""
     transform = pretrain_transform(input_size)
     if data_path is None:
-        return UnlabeledImages(demo_photo_paths(), transform, repeats=demo_repeats)
-    return UnlabeledImages(find_images(data_path), transform)
+        return ImageFiles(demo_photo_paths(), transform, repeats=demo_repeats)
+    return ImageFiles(find_images(data_path), transform)

@@ -50,8 +50,8 @@ class ScheduleConfig:
 def setup_run(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """Join torchrun's process group (if any), pick this process' device, seed every RNG
     (seed + rank). Returns (rank, world_size, device)."""
+    device = check_device(args.device)
     rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
-    device = torch.device(args.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
     seed = args.seed + rank
@@ -59,6 +59,32 @@ def setup_run(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     random.seed(seed)
     np.random.seed(seed)
     return rank, world_size, device
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` as a torch.device that exists on this machine, or a one-line ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but PyTorch sees no CUDA GPU (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def prepare_output(output_dir: Path, log_dir: Path) -> None:
+    """Before any data is read: the output and log folders are writable, ``checkpoint-last.pth``
+    is a file if present, and temporary files of interrupted earlier runs are removed."""
+    for folder in {output_dir, log_dir}:
+        ckpt.check_output_dir(folder)
+    if distributed.is_main_process():
+        for stale in ckpt.remove_stale_temp_files(output_dir):
+            print(f"removed {stale}, left by an interrupted save", file=sys.stderr)
 
 
 def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
@@ -95,54 +121,63 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     progress = tqdm(total=steps, desc=f"epoch {epoch}", disable=not distributed.is_main_process(),
                     dynamic_ncols=True)
     step_start = time.perf_counter()
-    for index, batch in enumerate(loader):
-        if index >= steps * accum:
-            break
-        if index % accum == 0:
-            lr = cosine_lr(epoch + index / (steps * accum), config.lr, config.min_lr,
-                           config.warmup_epochs, config.epochs)
-            set_lr(optimizer, lr)
-        batch = move_to(batch, device)
-        last_micro_step = (index + 1) % accum == 0
-        no_sync = isinstance(model, DistributedDataParallel) and not last_micro_step
-        with model.no_sync() if no_sync else nullcontext():
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, outputs = loss_fn(model, batch)
-            loss_value = distributed.all_reduce_mean(loss.item(), device)
-            if not math.isfinite(loss_value):
-                progress.close()
+    try:
+        for index, batch in enumerate(loader):
+            if index >= steps * accum:
+                break
+            if index % accum == 0:
+                lr = cosine_lr(epoch + index / (steps * accum), config.lr, config.min_lr,
+                               config.warmup_epochs, config.epochs)
+                set_lr(optimizer, lr)
+            batch = move_to(batch, device)
+            last_micro_step = (index + 1) % accum == 0
+            no_sync = isinstance(model, DistributedDataParallel) and not last_micro_step
+            with model.no_sync() if no_sync else nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, outputs = loss_fn(model, batch)
+                loss_value = distributed.all_reduce_mean(loss.item(), device)
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(
+                        f"loss is {loss_value} at epoch {epoch}, step {step + 1} (batch {index}); "
+                        f"stopped before updating the weights — lower --lr/--blr, use --clip-grad, "
+                        f"or --amp bf16 instead of fp16")
+                scaler.scale(loss / accum).backward()
+            losses.append(loss_value)
+            if not last_micro_step:
+                continue
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or math.inf).item()
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():   # fp16's scaler skips such steps
                 raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch}, step {step + 1} (batch {index}); "
-                    f"stopped before updating the weights — lower --lr/--blr, use --clip-grad, "
-                    f"or --amp bf16 instead of fp16")
-            scaler.scale(loss / accum).backward()
-        losses.append(loss_value)
-        if not last_micro_step:
-            continue
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or math.inf).item()
-        if not math.isfinite(grad_norm) and not scaler.is_enabled():   # fp16's scaler skips such steps
-            progress.close()
-            raise NonFiniteLossError(
-                f"gradient norm is {grad_norm} at epoch {epoch}, step {step + 1}; stopped before updating "
-                f"the weights — lower --lr/--blr or use --clip-grad")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - step_start
-        step_start = time.perf_counter()
-        images = len(batch[0] if isinstance(batch, (list, tuple)) else batch) * accum * distributed.world_size()
-        record = {"epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": grad_norm, "img_per_s": images / elapsed}
-        logger.log(record, step)
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
-                             img_s=f"{record['img_per_s']:.1f}")
-        progress.update()
-        if step_hook is not None:
-            step_hook(step, batch, outputs)
-    progress.close()
+                    f"gradient norm is {grad_norm} at epoch {epoch}, step {step + 1}; stopped before updating "
+                    f"the weights — lower --lr/--blr or use --clip-grad")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - step_start
+            step_start = time.perf_counter()
+            images = len(batch[0] if isinstance(batch, (list, tuple)) else batch) * accum * distributed.world_size()
+            record = {"epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                      "grad_norm": grad_norm, "img_per_s": images / elapsed}
+            logger.log(record, step)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['img_per_s']:.1f}")
+            progress.update()
+            if step_hook is not None:
+                step_hook(step, batch, outputs)
+    except BaseException as interrupt:
+        mark_progress(interrupt, epoch, step)
+        raise
+    finally:
+        progress.close()
     return {"loss": sum(losses) / len(losses)}, step
+
+
+def mark_progress(interrupt: BaseException, epoch: int, step: int) -> None:
+    """Note on a KeyboardInterrupt / SIGTERM where training stood (the innermost note wins)."""
+    if not isinstance(interrupt, Exception) and not hasattr(interrupt, "progress"):
+        interrupt.progress = (epoch, step)
 
 
 @dataclass
@@ -170,34 +205,39 @@ def fit(model: nn.Module, train_model: nn.Module, loader, optimizer: torch.optim
     """
     last = run.output_dir / ckpt.LAST
     sampler = getattr(loader, "sampler", None)
-    for epoch in range(start_epoch, config.epochs):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        stats, step = train_one_epoch(train_model, loader, optimizer, scaler, loss_fn, config,
-                                      epoch, step, device, logger, step_hook)
-        # Evaluation draws random numbers (data-loader seeds); put the streams back afterwards,
-        # so an uninterrupted run continues exactly where a resumed one does.
-        local_rng = ckpt.capture_rng_state()
-        rng = distributed.all_gather_state(local_rng)
-        metrics = end_of_epoch(epoch) if end_of_epoch else {}
-        ckpt.restore_rng_state(local_rng)
-        weights = {"model": model.state_dict(), **(extra_state() if extra_state else {})}
-        broken = ckpt.first_non_finite(weights)   # on every rank: under DDP all ranks stop together
-        if broken is not None:
-            raise NonFiniteLossError(
-                f"{broken} is not finite after epoch {epoch}, step {step}; not saved — {last} "
-                f"still holds the last good state; lower --lr/--blr or use --clip-grad")
-        if distributed.is_main_process():
-            state = {**weights, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                     "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
-                     "model_name": run.model_name, "rng": rng, "format": ckpt.FORMAT}
-            ckpt.atomic_save(state, last)
-            if run.save_every and (epoch + 1) % run.save_every == 0:
-                ckpt.atomic_save(state, run.output_dir / f"checkpoint-{epoch}.pth")
-            record = {"epoch": epoch, "epoch_loss": stats["loss"], **metrics}
-            logger.log(record, step, prefix="epoch")
-            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in record.items()), file=sys.stderr)
-        distributed.barrier()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            stats, step = train_one_epoch(train_model, loader, optimizer, scaler, loss_fn, config,
+                                          epoch, step, device, logger, step_hook)
+            # Evaluation draws random numbers (data-loader seeds); put the streams back afterwards,
+            # so an uninterrupted run continues exactly where a resumed one does.
+            local_rng = ckpt.capture_rng_state()
+            rng = distributed.all_gather_state(local_rng)
+            metrics = end_of_epoch(epoch) if end_of_epoch else {}
+            ckpt.restore_rng_state(local_rng)
+            weights = {"model": model.state_dict(), **(extra_state() if extra_state else {})}
+            broken = ckpt.first_non_finite(weights)   # on every rank: under DDP all ranks stop together
+            if broken is not None:
+                raise NonFiniteLossError(
+                    f"{broken} is not finite after epoch {epoch}, step {step}; not saved — {last} "
+                    f"still holds the last good state; lower --lr/--blr or use --clip-grad")
+            if distributed.is_main_process():
+                state = {**weights, "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
+                         "model_name": run.model_name, "rng": rng, "format": ckpt.FORMAT}
+                ckpt.atomic_save(state, last)
+                if run.save_every and (epoch + 1) % run.save_every == 0:
+                    ckpt.atomic_save(state, run.output_dir / f"checkpoint-{epoch}.pth")
+                record = {"epoch": epoch, "epoch_loss": stats["loss"], **metrics}
+                logger.log(record, step, prefix="epoch")
+                print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in record.items()), file=sys.stderr)
+            distributed.barrier()
+    except BaseException as interrupt:
+        mark_progress(interrupt, epoch, step)
+        raise
     return last

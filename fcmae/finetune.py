@@ -16,24 +16,22 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from torchvision.datasets import ImageFolder
 
 from . import checkpoint as ckpt
 from . import create_model, distributed
 from .convert import ENCODER_PREFIX, convert_state
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, find_images
-from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, setup_run
+from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageFiles, eval_transform, labeled_images
+from .engine import (AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, prepare_output,
+                     setup_run)
 from .logger import RunLogger
 from .models.internimage import dcn_options
 from .models.layers import enable_grad_checkpointing
 from .optim import layer_decay_param_groups, param_groups
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
+def build_datasets(args: argparse.Namespace) -> tuple[ImageFiles, ImageFiles]:
     """``DATA/train`` and ``DATA/val`` ImageFolder trees with the same classes."""
     root = Path(args.data_path)
-    for split in ("train", "val"):
-        find_images(root / split)  # clear error for a missing or empty split
     if args.linear_probe:
         train_tf = create_transform(args.input_size, is_training=True, no_aug=False, scale=(0.08, 1.0),
                                     hflip=args.hflip, auto_augment=None, re_prob=0.0, color_jitter=None,
@@ -44,8 +42,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
                                     re_prob=args.reprob, re_mode="pixel", re_count=1,
                                     color_jitter=None, interpolation="bicubic",
                                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    train = ImageFolder(str(root / "train"), transform=train_tf)
-    val = ImageFolder(str(root / "val"), transform=eval_transform(args.input_size))
+    train = labeled_images(root / "train", train_tf)
+    val = labeled_images(root / "val", eval_transform(args.input_size))
     if train.classes != val.classes:
         raise DataError(f"train and val classes differ: {train.classes[:5]} vs {val.classes[:5]}")
     return train, val
@@ -114,6 +112,8 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
                          f"even batch size, or --mixup 0 --cutmix 0")
     rank, world_size, device = setup_run(args)
     main = distributed.is_main_process()
+    if not args.eval:
+        prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir)
 
     train_set, val_set = build_datasets(args)
     num_classes = len(train_set.classes)
@@ -152,6 +152,10 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     if resume_path is not None:
         start_epoch, step = ckpt.resume_training(resume_path, model, optimizer, scaler, args.model,
                                                  rank, world_size, {"model_ema": ema} if ema else None)
+        if start_epoch >= args.epochs and not args.eval:
+            if main:
+                print(f"{resume_path} already holds all {args.epochs} epochs; raise --epochs to train longer")
+            return {}
     if args.eval:
         metrics = evaluate(model, val_loader, device, args.amp)
         if main:
@@ -183,9 +187,11 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
         results.update(evaluate(model, val_loader, device, args.amp))
         if ema is not None:
             results.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, args.amp).items()})
-        return dict(results)
+        skipped = train_set.num_skipped + val_set.num_skipped
+        return {**results, **({"skipped_image_reads": skipped} if skipped else {})}
 
-    logger = RunLogger(args.log_dir or output_dir, enabled=main)
+    logger = RunLogger(args.log_dir or output_dir, enabled=main,
+                       resume_step=step if resume_path is not None else None)
     if main:
         mode = "linear probe" if args.linear_probe else "fine-tune"
         print(f"fcmae-finetune ({mode}): {args.model}, {num_classes} classes, {len(train_set)} train / "

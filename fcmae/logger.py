@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from .checkpoint import atomic_write
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .fcmae import patchify, unpatchify
 
@@ -21,15 +22,22 @@ class RunLogger:
     On other ranks every method is a no-op, so callers need no rank checks.
     """
 
-    def __init__(self, log_dir: str | os.PathLike | None, enabled: bool = True) -> None:
+    def __init__(self, log_dir: str | os.PathLike | None, enabled: bool = True,
+                 resume_step: int | None = None) -> None:
+        """``resume_step``: the run continues after this global step, so records of later steps
+        (written before an interruption) are dropped from ``log.jsonl`` and TensorBoard."""
         self.enabled = enabled and log_dir is not None
         self.writer = None
         self.jsonl = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(log_dir))
-            self.jsonl = open(Path(log_dir) / "log.jsonl", "a", encoding="utf-8")
+            jsonl_path = Path(log_dir) / "log.jsonl"
+            if resume_step is not None and jsonl_path.is_file():
+                _truncate_jsonl(jsonl_path, resume_step)
+            self.writer = SummaryWriter(log_dir=str(log_dir),
+                                        purge_step=None if resume_step is None else resume_step + 1)
+            self.jsonl = open(jsonl_path, "a", encoding="utf-8")
 
     def log(self, record: dict[str, Any], step: int, prefix: str = "train") -> None:
         """Append ``record`` as one JSON line and each numeric value as a scalar."""
@@ -51,6 +59,19 @@ class RunLogger:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of ``path`` up to ``last_step``; a torn last line is dropped too."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda file: file.write("".join(kept).encode("utf-8")))
 
 
 def reconstruction_grid(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int,

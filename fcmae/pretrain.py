@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
 from .data import DataError, build_pretrain_dataset
-from .engine import RunInfo, ScheduleConfig, fit, make_scaler, setup_run
+from .engine import RunInfo, ScheduleConfig, fit, make_scaler, prepare_output, setup_run
 from .logger import RunLogger, reconstruction_grid
 from .masking import check_pretraining_masks
 from .models.internimage import dcn_options
@@ -50,6 +50,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     main = distributed.is_main_process()
     output_dir = Path(args.output_dir)
     log_dir = Path(args.log_dir) if args.log_dir else output_dir
+    prepare_output(output_dir, log_dir)
 
     dataset = build_pretrain_dataset(args.data_path, args.input_size)
     if len(dataset) < args.batch_size * world_size:
@@ -79,6 +80,10 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
         if main:
             print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}"
                   + (f" (--init {args.init} is already part of this run)" if args.init else ""))
+        if start_epoch >= args.epochs:
+            if main:
+                print(f"{resume_path} already holds all {args.epochs} epochs; raise --epochs to train longer")
+            return resume_path, model
     elif args.init:
         loaded = ckpt.init_from_fcmae(model, args.init, args.model)
         if main:
@@ -90,7 +95,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     if args.compile:
         train_model = torch.compile(train_model, dynamic=False)  # FCMAE shapes repeat every step
 
-    logger = RunLogger(log_dir, enabled=main)
+    logger = RunLogger(log_dir, enabled=main, resume_step=step if resume_path is not None else None)
     if main:
         print(f"fcmae-pretrain: {args.model} on {len(dataset)} images "
               f"({'built-in demo photos' if args.data_path is None else args.data_path}), "

@@ -167,23 +167,6 @@ def test_grad_checkpointing_trains_the_same_weights(image_folder, tmp_path):
         torch.testing.assert_close(value, weights[False][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--mask-ratio", "1.0"], "mask ratio must be in [0, 1)"),
-    (["--input-size", "100"], "not a multiple of the patch size 32"),
-    (["--model", "convnextv2_giant"], "unknown model 'convnextv2_giant'"),
-    (["--backend", "nope"], "unknown sparse backend 'nope'"),
-    (["--data-path", "/does/not/exist"], "is not a directory"),
-    (["--dcn-impl", "grid_sample"], "--dcn-impl applies to InternImage models only"),
-    (["--model", "internimage_t", "--dcn-impl", "triton", "--device", "cpu"], "--dcn-impl triton does not run on cpu"),
-    (["--model", "revcol_t", "--grad-checkpointing"], "--grad-checkpointing is not supported by revcol_t"),
-])
-def test_bad_input_is_one_line_error(extra, message, capsys):
-    code = run_cli(QUICK + ["--epochs", "1", "--output-dir", "/tmp/unused-fcmae-out"] + extra)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert message in err[-1] and err[-1].startswith("fcmae-pretrain: error:")
-
-
 def test_empty_folder_is_one_line_error(tmp_path, capsys):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")

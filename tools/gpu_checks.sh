@@ -7,7 +7,7 @@
 #   tools/gpu_checks.sh                   # every step
 #   tools/gpu_checks.sh tests pretrain    # some steps (names below)
 #   WHEELS=.whl RESULTS=/tmp/r STEP_TIMEOUT_SCALE=2 tools/gpu_checks.sh
-#   ALLOW_CPU=1 STEP_TIMEOUT_SCALE=6 tools/gpu_checks.sh pretrain   # dry run of the plumbing on CPU
+#   ALLOW_CPU=1 PRETRAIN_FLAGS=--amp=bf16 tools/gpu_checks.sh tests pretrain   # dry run on CPU
 #
 # Results go to $RESULTS (default: $OUT if set, else gpu_results/): one log per step and
 # summary.json (each step's status, seconds, and the numbers it measured). A step that fails or
@@ -49,7 +49,8 @@ rng = np.random.default_rng(0)
 for index in range(96):
     Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((256, 256)).save(folder / f"{index}.png")
 EOF
-  common=(--data-path "$WORK/images" --model convnextv2_atto --amp bf16 --compile --batch-size 32
+  # shellcheck disable=SC2206  # PRETRAIN_FLAGS is a list of flags
+  common=(--data-path "$WORK/images" --model convnextv2_atto ${PRETRAIN_FLAGS:---amp bf16 --compile} --batch-size 32
           --steps-per-epoch 3 --num-workers 4 --output-dir "$run" --vis-every 2)
   $PY -m fcmae.cli.pretrain "${common[@]}" --epochs 1 \
     && $PY -m fcmae.cli.pretrain "${common[@]}" --epochs 2 --resume auto \
@@ -82,7 +83,7 @@ for entry in "${STEPS[@]}"; do
   echo "== $name (timeout ${limit}s): $command"
   start=$SECONDS
   if [ "$command" = pretrain_end_to_end ]; then
-    export -f pretrain_end_to_end; export PY WORK
+    export -f pretrain_end_to_end; export PY WORK PRETRAIN_FLAGS
     timeout -k 10 "$limit" bash -c pretrain_end_to_end > "$RESULTS/$name.log" 2>&1
   else
     timeout -k 10 "$limit" bash -c "$command" > "$RESULTS/$name.log" 2>&1

@@ -1,21 +1,37 @@
 """Command-line entry points: argument parsing only; the work lives in the package."""
 import argparse
 import math
+import signal
 import sys
 from typing import Callable, NoReturn
 
 from ..models.dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (like KeyboardInterrupt for SIGINT), so that writes
+    in progress are abandoned atomically and the run ends with a message."""
+
+
+def _raise_terminated(signum, frame) -> NoReturn:
+    raise Terminated()
+
+
 def run_or_exit(prog: str, job: Callable[[], object], user_errors: tuple[type[BaseException], ...]) -> object:
-    """Run ``job``; a user error becomes one line on stderr and exit code 2."""
+    """Run ``job``; a user error becomes one line on stderr and exit code 2; SIGINT and SIGTERM
+    end it with one line saying where it stopped, exit code 130 and 143."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return job()
     except user_errors as error:
         _fail(prog, error)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except (KeyboardInterrupt, Terminated) as interrupt:
+        where = getattr(interrupt, "progress", None)
+        resume = f" at epoch {where[0]}, step {where[1]}; resume with --resume auto" if where else ""
+        print(f"{prog}: interrupted{resume}", file=sys.stderr)
+        raise SystemExit(143 if isinstance(interrupt, Terminated) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def number(kind: type = float, low: float | None = None, high: float | None = None,
@@ -61,6 +77,10 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(prog: str, error: BaseException) -> NoReturn:
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and "Original Traceback" in str(error):
+        # re-raised from a DataLoader worker: the cause is the last line of the worker's traceback
+        lines = [lines[-1].split(": ", 1)[-1]]
+    message = lines[0] if lines else type(error).__name__
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -1,0 +1,164 @@
+"""Faults and signals: a full disk, unusable output folders, SIGINT/SIGTERM during training and
+during a save. Each ends with one line and a non-zero exit; the last checkpoint stays intact and
+no temporary file is left."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fcmae.checkpoint import load_checkpoint
+from fcmae.cli.pretrain import main
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
+         "--num-workers", "0", "--vis-every", "0", "--steps-per-epoch", "2"]
+
+
+def run_cli(args):
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def hidden_files(folder):
+    return [p.name for p in Path(folder).iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture
+def first_epoch(tmp_path):
+    """An output folder holding the checkpoint of a finished first epoch (of two)."""
+    out = tmp_path / "out"
+    assert run_cli(QUICK + ["--epochs", "1", "--output-dir", out]) == 0
+    return out, (out / "checkpoint-last.pth").read_bytes()
+
+
+def test_full_disk_during_a_save_keeps_the_last_checkpoint(first_epoch, monkeypatch, capsys):
+    out, good = first_epoch
+    capsys.readouterr()
+
+    def no_space(obj, file):
+        file.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", no_space)
+    assert run_cli(QUICK + ["--epochs", "2", "--output-dir", out, "--resume", "auto"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "No space left on device" in err[0] and "checkpoint-last.pth" in err[0]
+    assert (out / "checkpoint-last.pth").read_bytes() == good
+    assert hidden_files(out) == []
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("output is a file", "is a file; choose another --output-dir"),
+    ("checkpoint is a folder", "checkpoint-last.pth is not a file"),
+    ("read-only", "cannot write to output dir"),
+])
+def test_unusable_output_is_refused_before_training(tmp_path, monkeypatch, capsys, setup, message):
+    out = tmp_path / "out"
+    if setup == "output is a file":
+        out.write_text("not a folder")
+    elif setup == "checkpoint is a folder":
+        (out / "checkpoint-last.pth").mkdir(parents=True)
+    else:   # as root, permission bits do not stop writes: make the write itself fail
+        import tempfile
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    import fcmae.engine
+    monkeypatch.setattr(fcmae.engine, "train_one_epoch", lambda *a, **k: pytest.fail("training started"))
+    assert run_cli(QUICK + ["--epochs", "1", "--output-dir", out]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_stale_temporary_files_are_removed_on_start(first_epoch, capsys):
+    out, _ = first_epoch
+    stale = out / ".checkpoint-last.pth.abc123.fcmae-tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert run_cli(QUICK + ["--epochs", "2", "--output-dir", out, "--resume", "auto"]) == 0
+    assert not stale.exists() and "left by an interrupted save" in capsys.readouterr().err
+
+
+# A fresh interpreter that delivers a real signal to itself at the N-th torch.save call
+# ("save") or the N-th optimizer step ("step"), then runs fcmae-pretrain with the given flags.
+SIGNALLER = """
+import os, signal, sys, torch
+when, count, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+calls = {"n": 0}
+def fire():
+    calls["n"] += 1
+    if calls["n"] == count:
+        os.kill(os.getpid(), getattr(signal, name))
+real_save, real_step = torch.save, torch.optim.AdamW.step
+def save(obj, file):
+    if when == "save":
+        file.write(b"partial")
+        fire()
+    real_save(obj, file)
+def step(self, *args, **kwargs):
+    if when == "step":
+        fire()
+    return real_step(self, *args, **kwargs)
+torch.save, torch.optim.AdamW.step = save, step
+from fcmae.cli.pretrain import main
+main(sys.argv[4:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when,name,code", [("save", "SIGTERM", 143), ("save", "SIGINT", 130),
+                                            ("step", "SIGTERM", 143)])
+def test_signal_ends_the_run_cleanly(first_epoch, when, name, code):
+    out, good = first_epoch
+    # the second epoch's save is the first save of this process; its first step is step 3
+    args = [when, "1", name, *map(str, QUICK), "--epochs", "2", "--output-dir", str(out), "--resume", "auto"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", SIGNALLER, *args], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == code, result.stderr[-2000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    where = "epoch 1, step 4" if when == "save" else "epoch 1, step 2"
+    assert last_line == f"fcmae-pretrain: interrupted at {where}; resume with --resume auto", last_line
+    assert "Traceback" not in result.stderr
+    assert (out / "checkpoint-last.pth").read_bytes() == good
+    assert hidden_files(out) == []
+
+
+def test_resume_after_a_kill_leaves_no_duplicate_log_records(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def killed_at_step_4(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:   # epoch 1's second step: step 3 is logged, then the "kill"
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", killed_at_step_4)
+        assert run_cli(QUICK + ["--epochs", "2", "--output-dir", out]) == 130
+    assert run_cli(QUICK + ["--epochs", "2", "--output-dir", out, "--resume", "auto"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records if "epoch_loss" in r] == [0, 1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out)).Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resuming_a_finished_run_says_so(first_epoch, tmp_path, capsys):
+    out, _ = first_epoch
+    other = tmp_path / "other"
+    assert run_cli(QUICK + ["--epochs", "1", "--output-dir", other, "--resume", out / "checkpoint-last.pth"]) == 0
+    captured = capsys.readouterr()
+    assert "already holds all 1 epochs" in captured.out
+    assert f"done: checkpoint {out / 'checkpoint-last.pth'}" in captured.err
+    assert not (other / "checkpoint-last.pth").exists()
