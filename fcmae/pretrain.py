@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
 from .data import DataError, build_pretrain_dataset
-from .engine import RunInfo, ScheduleConfig, fit, make_scaler, prepare_output, setup_run
+from .engine import RunInfo, ScheduleConfig, check_device, fit, make_scaler, prepare_output, setup_run
 from .logger import RunLogger, reconstruction_grid
 from .masking import check_pretraining_masks
 from .models.internimage import dcn_options
@@ -34,7 +34,7 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
 
 def validate(args: argparse.Namespace) -> None:
     check_pretraining_masks(args.input_size, 32, args.mask_ratio)
-    dcn_options(args.model, args.dcn_impl, torch.device(args.device).type)   # refuses a bad --dcn-impl early
+    dcn_options(args.model, args.dcn_impl, check_device(args.device).type)   # refuses a bad --dcn-impl early
     if args.init and not Path(args.init).is_file():
         raise ckpt.CheckpointError(f"--init {args.init!r} is not a file")
     for name in ("epochs", "batch_size", "accum_iter"):
