@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import random
 import shutil
 import sys
@@ -145,7 +144,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def _why_unreadable(error: Exception) -> str:
     """One true line for a file torch.load refused (never torch's advice to drop weights_only)."""
-    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+    if "Weights only load failed" in str(error) and "global" in str(error).lower():
         return ("it holds Python objects other than tensors and plain values (code could run on "
                 "loading); refused for safety: re-save just the weights, e.g. {'model': state_dict}")
     if "zip archive" in str(error) or "central directory" in str(error):

@@ -88,9 +88,18 @@ def test_existing_output_needs_force(official_style_checkpoint, tmp_path, capsys
     assert out.read_bytes() != b"keep me"
 
 
+class RunsCode:
+    """Unpickling this would call os.getcwd: a stand-in for a malicious checkpoint."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
 @pytest.mark.parametrize("content,message", [
-    ("truncated", "cannot read checkpoint"),
-    ("garbage", "cannot read checkpoint"),
+    ("truncated", "truncated or corrupt"),
+    ("garbage", "not a PyTorch checkpoint or safetensors file"),
+    ("text", "not a PyTorch checkpoint or safetensors file"),
+    ("code", "refused for safety"),
     ("other", "matches no known model"),
 ])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(official_style_checkpoint, tmp_path, capsys,
@@ -101,12 +110,17 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(official_style_checkpo
         bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif content == "garbage":
         bad.write_bytes(b"\x00not a checkpoint" * 100)
+    elif content == "text":
+        bad.write_text("epoch,loss\n0,1.0\n")
+    elif content == "code":
+        torch.save({"model": {"encoder.weight": torch.zeros(3)}, "hook": RunsCode()}, bad)
     else:
         atomic_save({"model": {"encoder.weight": torch.zeros(3, 3)}}, bad)
     out = tmp_path / "dense.pth"
     assert run_cli([bad, "-o", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert len(err) == 1 and message in err[0], err
+    assert "weights_only=False" not in err[0]
     assert list(tmp_path.iterdir()) == [bad]
 
 

@@ -162,3 +162,44 @@ def test_resuming_a_finished_run_says_so(first_epoch, tmp_path, capsys):
     assert "already holds all 1 epochs" in captured.out
     assert f"done: checkpoint {out / 'checkpoint-last.pth'}" in captured.err
     assert not (other / "checkpoint-last.pth").exists()
+
+
+def test_worker_data_errors_show_their_cause(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(4):
+        (data / f"{index}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    code = run_cli(QUICK + ["--epochs", "1", "--data-path", data, "--num-workers", "1",   # skips warn in the worker
+                            "--output-dir", tmp_path / "out"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(err) == 1 and "none of the 4 images could be read" in err[0], err
+    assert "DataLoader worker" not in err[0]
+
+
+# Saves checkpoint-last.pth over and over (each holding its own counter), for the kill test.
+WRITER = """
+import sys, torch
+from fcmae.checkpoint import atomic_save
+for index in range(10 ** 6):
+    atomic_save({"index": index, "weights": torch.full((200_000,), float(index))}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(os.environ.get("FCMAE_SLOW_FAULTS") != "1", reason="opt-in: FCMAE_SLOW_FAULTS=1")
+def test_sigkill_at_random_points_never_breaks_the_checkpoint(tmp_path):
+    import random
+    import time
+    path = tmp_path / "checkpoint-last.pth"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rng = random.Random(0)
+    for _ in range(20):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=env)
+        time.sleep(1.5 + rng.random())          # start-up, then somewhere inside a save
+        writer.kill()
+        writer.wait()
+        if path.exists():
+            state = load_checkpoint(path)
+            assert torch.equal(state["weights"], torch.full((200_000,), float(state["index"])))
+    from fcmae.checkpoint import remove_stale_temp_files
+    remove_stale_temp_files(tmp_path)
+    assert hidden_files(tmp_path) == []

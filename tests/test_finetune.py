@@ -98,6 +98,25 @@ def test_wrong_model_weights_are_refused(labeled_folder, pretrained, tmp_path, c
     assert code == 2 and "'convnextv2_femto'" in capsys.readouterr().err
 
 
+def test_pretraining_checkpoint_as_resume_says_to_use_finetune(labeled_folder, pretrained, tmp_path, capsys):
+    fcmae_path, _, _ = pretrained
+    code = run_cli(QUICK + ["--data-path", labeled_folder, "--resume", fcmae_path, "--output-dir", tmp_path / "o"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(err) == 1 and "pass it as --finetune" in err[0], err
+
+
+def test_unreadable_training_images_are_skipped_and_counted(labeled_folder, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(labeled_folder, data)
+    (data / "train" / "class0" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="skipping unreadable image .*truncated.jpg"):
+        assert run_cli(QUICK + ["--data-path", data, "--output-dir", out, "--epochs", "1",
+                                "--no-model-ema", "--batch-size", "13", "--mixup", "0", "--cutmix", "0"]) == 0
+    assert records(out)[-1]["skipped_image_reads"] >= 1
+
+
 def test_eval_only_reports_accuracy(labeled_folder, pretrained, tmp_path, capsys):
     _, dense_path, _ = pretrained
     assert run_cli(QUICK + ["--data-path", labeled_folder, "--finetune", dense_path, "--eval",
