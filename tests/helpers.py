@@ -1,5 +1,17 @@
 """Small helpers shared by the tests."""
+from typing import Callable
+
 import torch
+
+
+def exit_code(main: Callable[[list[str]], None], args) -> int:
+    """Run a command's ``main`` in-process with ``args`` (any objects, passed as strings);
+    its exit code, 0 when it returns normally."""
+    try:
+        main([str(arg) for arg in args])
+    except SystemExit as exit_:
+        return 0 if exit_.code is None else exit_.code
+    return 0
 
 
 def randomize_(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:

@@ -8,6 +8,8 @@ import torch
 from fcmae.checkpoint import load_checkpoint
 from fcmae.cli import convert, finetune, pretrain
 
+from .helpers import exit_code
+
 
 PRETRAIN = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
             "--num-workers", "0", "--vis-every", "0", "--epochs", "1", "--steps-per-epoch", "1"]
@@ -69,11 +71,7 @@ def run(command, arguments, tmp_path):
         entry = finetune.main
     else:
         argv, entry = [str(tmp_path / "fcmae.pth"), "-o", str(out / "dense.pth")] + arguments, convert.main
-    try:
-        entry(argv)
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_code(entry, argv)
 
 
 @pytest.mark.parametrize("command,arguments,message", CASES, ids=[" ".join([c, *a]) for c, a, _ in CASES])

@@ -13,13 +13,11 @@ from fcmae.checkpoint import atomic_save, load_checkpoint, save_safetensors
 from fcmae.cli.convert import main
 from fcmae.convert import convert_state, verify
 
-from .helpers import randomize_
+from .helpers import exit_code, randomize_
 
 
 def run_cli(args):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in args])
-    return exit_.value.code
+    return exit_code(main, args)
 
 
 @pytest.fixture(scope="module")

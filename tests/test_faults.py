@@ -15,17 +15,15 @@ import torch
 from fcmae.checkpoint import load_checkpoint
 from fcmae.cli.pretrain import main
 
+from .helpers import exit_code
+
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
          "--num-workers", "0", "--vis-every", "0", "--steps-per-epoch", "2"]
 
 
 def run_cli(args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_code(main, args)
 
 
 def hidden_files(folder):

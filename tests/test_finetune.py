@@ -12,7 +12,7 @@ from fcmae.convert import convert_state
 from fcmae.data import demo_photo_paths
 from fcmae.optim import layer_decay_param_groups
 
-from .helpers import interrupt_at_epoch, randomize_
+from .helpers import exit_code, interrupt_at_epoch, randomize_
 
 QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--epochs", "2",
          "--num-workers", "0", "--warmup-epochs", "1", "--blr", "1e-2", "--model-ema-decay", "0.9"]
@@ -47,11 +47,7 @@ def pretrained(tmp_path_factory):
 
 
 def run_cli(args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_code(main, args)
 
 
 def records(folder):

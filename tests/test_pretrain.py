@@ -13,7 +13,7 @@ from fcmae.cli.pretrain import build_parser, main
 from fcmae.data import DEMO_TRAIN_PHOTOS, demo_photo_paths
 from fcmae.pretrain import run_pretraining
 
-from .helpers import interrupt_at_epoch
+from .helpers import exit_code, interrupt_at_epoch
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
@@ -36,12 +36,7 @@ def image_folder(tmp_path_factory):
 
 
 def run_cli(args):
-    """Run fcmae-pretrain in-process; returns the exit code (0 when it returns normally)."""
-    try:
-        main(args)
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
+    return exit_code(main, args)
 
 
 def read_jsonl(path):
