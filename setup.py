@@ -10,12 +10,12 @@ from setuptools import find_packages, setup
 REQUIREMENTS = [
     "torch>=2.11.0,<2.15",
     "torchvision>=0.26.0,<0.30",
-    "timm>=1.0.20,<1.1",
+    "timm>=1.0.26,<1.1",
     "einops>=0.8.0,<0.9",
     "numpy>=1.26.0",
     "pillow>=10.0.0",
     "tqdm>=4.66.0",
-    "tensorboard>=2.16.0",
+    "tensorboard>=2.16.2",
     "scikit-image>=0.24.0",  # built-in demo photos (skimage.data), no download
     "safetensors>=0.4.3",
 ]

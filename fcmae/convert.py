@@ -2,6 +2,7 @@
 ConvNeXt V2 (official layout) → timm layout. The key maps live here and nowhere else."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -168,24 +169,28 @@ def verify(sparse_state: dict[str, Tensor], dense_state: dict[str, Tensor], mode
     return worst
 
 
-def timm_folder_model(model_name: str, timm_state: dict[str, Tensor], input_size: int = 224) -> nn.Module:
-    """A head-less timm model (``num_classes=0``) holding ``timm_state``, its ``pretrained_cfg``
-    describing these weights: what :func:`save_converted` exports as a timm model folder.
-
-    The final ``head.norm`` keeps its fresh (identity) values, so the folder loads strictly."""
+def write_timm_folder(timm_state: dict[str, Tensor], model_name: str, folder: Path, input_size: int = 224) -> None:
+    """A timm model folder: ``model.safetensors`` (a head-less model, ``num_classes=0``; the
+    final ``head.norm`` keeps its fresh identity values so the folder loads strictly) and the
+    ``config.json`` timm reads for ``local-dir:`` models (architecture, ``num_features``,
+    ``pretrained_cfg`` describing these weights). Written here rather than by timm's hub export,
+    which needs huggingface_hub and differs across the supported timm versions."""
     import timm
     model = timm.create_model(model_name, pretrained=False, num_classes=0)
     missing, unexpected = model.load_state_dict(timm_state, strict=False)
     if unexpected or any(not key.startswith("head.norm.") for key in missing):
         raise CheckpointError(f"converted weights do not fit timm {model_name}: "
                               f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    cfg = {key: value for key, value in model.pretrained_cfg.items()
-           if key not in ("url", "hf_hub_id", "file", "state_dict", "license", "tag",
-                          "test_input_size", "test_crop_pct")}   # those describe timm's ImageNet weights
-    model.pretrained_cfg = {**cfg, "tag": "fcmae", "num_classes": 0,
-                            "input_size": (3, input_size, input_size),
-                            "pool_size": (input_size // 32, input_size // 32)}
-    return model
+    pretrained_cfg = {key: value for key, value in model.pretrained_cfg.items()
+                      if value is not None and key not in (
+                          "url", "hf_hub_id", "file", "state_dict", "source", "architecture", "license",
+                          "tag", "test_input_size", "test_crop_pct")}   # those describe timm's own weights
+    pretrained_cfg |= {"tag": "fcmae", "num_classes": 0, "input_size": [3, input_size, input_size],
+                       "pool_size": [input_size // 32, input_size // 32]}
+    config = {"architecture": model_name, "num_classes": 0, "num_features": model.num_features,
+              "global_pool": "avg", "pretrained_cfg": pretrained_cfg}
+    save_safetensors(model.state_dict(), folder / "model.safetensors", {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, output: Path,
@@ -193,8 +198,8 @@ def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, ou
     """Write converted weights atomically; the kind of file follows ``output``'s name:
 
     * ``*.safetensors``: the tensors, with ``model_name`` and ``format`` as metadata;
-    * no suffix, with ``fmt='timm'``: a timm model folder (``model.safetensors`` +
-      ``config.json``) that ``timm.create_model('local-dir:FOLDER')`` loads;
+    * no suffix, with ``fmt='timm'``: a timm model folder (:func:`write_timm_folder`) that
+      ``timm.create_model('local-dir:FOLDER', pretrained=True)`` loads;
     * anything else: ``torch.save`` (official: ``{'model': ...}``; timm: a bare state dict).
 
     Returns what was written, in words."""
@@ -206,9 +211,7 @@ def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, ou
         if fmt != "timm":
             raise ValueError(f"{output} has no file suffix: a model folder is written for --format timm "
                              "only; name a .pth or .safetensors file")
-        from timm.models import save_for_hf
-        model = timm_folder_model(model_name, dense_state, input_size)
-        atomic_folder(output, lambda folder: save_for_hf(model, str(folder), safe_serialization=True))
+        atomic_folder(output, lambda folder: write_timm_folder(dense_state, model_name, folder, input_size))
         return "timm model folder (model.safetensors + config.json)"
     atomic_save(dense_state if fmt == "timm" else
                 {"model": dense_state, "model_name": model_name, "format": "official-dense"}, output)

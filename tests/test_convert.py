@@ -137,7 +137,9 @@ sys.modules["fcmae"] = sys.modules["sparse_ops"] = None
 import timm, torch
 folder, reference = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
 local = timm.create_model("local-dir:" + folder, pretrained=True).eval()
-assert local.num_classes == 0 and local.pretrained_cfg["input_size"] == (3, 64, 64)
+assert local.num_classes == 0
+data_config = timm.data.resolve_model_data_config(local)
+assert tuple(data_config["input_size"]) == (3, 64, 64) and data_config["interpolation"] == "bicubic", data_config
 overlay = timm.create_model("convnextv2_atto", pretrained=True, num_classes=10,
                             pretrained_cfg_overlay=dict(file=folder + "/model.safetensors")).eval()
 with torch.no_grad():
