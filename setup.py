@@ -18,6 +18,7 @@ REQUIREMENTS = [
     "tensorboard>=2.16.2",
     "scikit-image>=0.24.0",  # built-in demo photos (skimage.data), no download
     "safetensors>=0.4.3",
+    "webdataset>=1.0.2",   # tar shards (fcmae-shards, --data-path SHARDS)
 ]
 DEV_REQUIREMENTS = [
     "pytest>=8.0.0",
@@ -42,6 +43,7 @@ setup(
             "fcmae-pretrain=fcmae.cli.pretrain:main",
             "fcmae-convert=fcmae.cli.convert:main",
             "fcmae-finetune=fcmae.cli.finetune:main",
+            "fcmae-shards=fcmae.cli.shards:main",
         ],
     },
 )

@@ -2,17 +2,22 @@
 photos that ship with scikit-image (nothing is downloaded)."""
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
+import random
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 from torchvision import transforms
+
+from . import distributed
+from .checkpoint import atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,24 +75,38 @@ def scan_images(root: str | os.PathLike) -> list[Path]:
             subfolders[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))
+        # names are the non-folders os.walk found with scandir: no stat per file (a broken
+        # link is skipped and counted when it is read, like any unreadable file)
         files += [Path(folder) / name for name in names if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(path for path in files if path.is_file())
+    return sorted(files)
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
+def find_images(root: str | os.PathLike, cache: str | os.PathLike | None = None) -> list[Path]:
     """:func:`scan_images` of an existing folder (an ImageFolder tree or a flat folder); a
-    missing folder or one without images is a :class:`DataError`."""
+    missing folder or one without images is a :class:`DataError`.
+
+    With ``cache`` (a file in the run's output folder), the list found at the run's first start
+    is written there and reused: a resumed run reads the same files without rescanning a large
+    tree (images added since are picked up by a new run, not by a resumed one)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data path {str(root)!r} is not a directory")
+    header = f"# fcmae file list of {root.resolve()}\n"
+    if cache is not None and Path(cache).is_file():
+        text = Path(cache).read_text(encoding="utf-8")
+        if text.startswith(header):
+            return [root / line for line in text[len(header):].splitlines()]
     files = scan_images(root)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(root)!r}")
+    if cache is not None and distributed.is_main_process():
+        listing = header + "".join(f"{path.relative_to(root)}\n" for path in files)
+        atomic_write(cache, lambda file: file.write(listing.encode("utf-8")))
     return files
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """An image file as 8-bit RGB, whatever its mode: EXIF orientation applied; 16-bit and
+def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """An image file (path or binary file object) as 8-bit RGB, whatever its mode: EXIF orientation applied; 16-bit and
     32-bit integer or float grayscale scaled to 0–255 (not clipped); alpha dropped (the colour
     under it is kept, as for RGBA → RGB); palette, CMYK, LA, 1-bit converted by Pillow.
     Images above Pillow's decompression-bomb limit raise (the dataset skips them)."""
@@ -114,6 +133,16 @@ def demo_photo_paths(names: Sequence[str] = DEMO_TRAIN_PHOTOS) -> list[Path]:
     return paths
 
 
+def seed_sample_rngs(*position: int) -> None:
+    """Seed torch, ``random`` and NumPy from a sample's place in the run (seed, epoch, index…).
+    Called in loader workers, so augmentations do not depend on a worker's history: persistent
+    workers and resumed runs draw the same crops as a fresh, uninterrupted run."""
+    value = int.from_bytes(hashlib.blake2b(repr(position).encode(), digest_size=8).digest(), "little")
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2 ** 32)
+
+
 class ImageFiles(Dataset):
     """Images as RGB tensors, with their class index if ``labels`` are given. An unreadable file
     (corrupt, truncated, too large) is skipped with a warning — the next readable file is
@@ -124,7 +153,8 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, files: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor],
-                 labels: Sequence[int] | None = None, classes: Sequence[str] = (), repeats: int = 1) -> None:
+                 labels: Sequence[int] | None = None, classes: Sequence[str] = (), repeats: int = 1,
+                 seed: int = 0) -> None:
         if not files:
             raise DataError("dataset is empty")
         self.files = list(files)
@@ -132,7 +162,12 @@ class ImageFiles(Dataset):
         self.classes = list(classes)
         self.transform = transform
         self.repeats = repeats
+        self.seed = seed
         self._skipped = multiprocessing.Value("i", 0)  # shared with forked loader workers
+        self._epoch = multiprocessing.Value("i", 0)    # read by persistent workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
 
     @property
     def num_skipped(self) -> int:
@@ -142,6 +177,8 @@ class ImageFiles(Dataset):
         return len(self.files) * self.repeats
 
     def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
+        if get_worker_info() is not None:
+            seed_sample_rngs(self.seed, self._epoch.value, index)
         index %= len(self.files)
         for attempt in range(len(self.files)):
             position = (index + attempt) % len(self.files)
@@ -156,26 +193,57 @@ class ImageFiles(Dataset):
         raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
 
 
-def labeled_images(root: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor]) -> ImageFiles:
+def labeled_images(root: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor],
+                   seed: int = 0, cache: str | os.PathLike | None = None) -> ImageFiles:
     """An ImageFolder tree (``root/<class>/**/<image>``) as a labeled :class:`ImageFiles`;
-    classes are the sorted sub-folder names."""
+    classes are the sorted sub-folder names (``cache``: as for :func:`find_images`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data path {str(root)!r} is not a directory")
     classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = scan_images(root / name)
-        files += found
-        labels += [label] * len(found)
+    if not classes:
+        raise DataError(f"no class folders under {str(root)!r} (expected {root}/<class>/<image>)")
+    files = [path for path in find_images(root, cache) if path.relative_to(root).parts[0] in classes]
     if not files:
         raise DataError(f"no images in class folders under {str(root)!r} (expected {root}/<class>/<image>)")
-    return ImageFiles(files, transform, labels, classes)
+    index = {name: label for label, name in enumerate(classes)}
+    return ImageFiles(files, transform, [index[path.relative_to(root).parts[0]] for path in files], classes, seed=seed)
 
 
-def build_pretrain_dataset(data_path: str | None, input_size: int, demo_repeats: int = 8) -> ImageFiles:
-    """The user's folder, or (``data_path`` None) the built-in demo photos."""
+def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
+                      seed: int) -> DataLoader:
+    """The training loader of every command: a :class:`DistributedSampler` over a folder
+    dataset, or a streaming dataset that splits itself across ranks (shards); whole batches
+    only; persistent workers (no start-up stall at each epoch; augmentations are seeded per
+    sample, :func:`seed_sample_rngs`) and pinned memory on CUDA."""
+    # the loader's own generator: starting workers (at epoch 0, or at the resumed epoch) never
+    # draws from the global RNG that masks use, so a resumed run continues exactly
+    options = dict(batch_size=batch_size, drop_last=True, num_workers=num_workers,
+                   persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
+                   generator=torch.Generator().manual_seed(seed))
+    if isinstance(dataset, IterableDataset):
+        dataset.check_workers(num_workers)
+        loader = DataLoader(dataset, **options)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=seed, drop_last=True)
+        loader = DataLoader(dataset, sampler=sampler, **options)
+    if len(loader) == 0:
+        raise DataError(f"the data holds fewer than one batch of {batch_size} per process "
+                        f"({distributed.world_size()} process(es)); lower --batch-size")
+    return loader
+
+
+def build_pretrain_dataset(data_path: str | None, input_size: int, seed: int = 0, batch_size: int = 1,
+                           shard_index: str | None = None, cache: str | os.PathLike | None = None,
+                           demo_repeats: int = 8) -> Dataset:
+    """Unlabeled training images: tar shards (a shard spec, :mod:`fcmae.shards`), a folder
+    (``cache``: see :func:`find_images`), or with ``data_path`` None the built-in demo photos."""
     transform = pretrain_transform(input_size)
     if data_path is None:
-        return ImageFiles(demo_photo_paths(), transform, repeats=demo_repeats)
-    return ImageFiles(find_images(data_path), transform)
+        return ImageFiles(demo_photo_paths(), transform, repeats=demo_repeats, seed=seed)
+    from .shards import ShardImages, is_shard_spec, open_shard_set
+    if is_shard_spec(data_path):
+        return ShardImages(open_shard_set(data_path, shard_index), transform, labeled=False,
+                           batch_size=batch_size, seed=seed)
+    return ImageFiles(find_images(data_path, cache), transform, seed=seed)

@@ -208,8 +208,9 @@ def fit(model: nn.Module, train_model: nn.Module, loader, optimizer: torch.optim
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, config.epochs):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
+            for reshuffled in (sampler, loader.dataset):   # folder sampler; datasets seed per epoch
+                if hasattr(reshuffled, "set_epoch"):
+                    reshuffled.set_epoch(epoch)
             stats, step = train_one_epoch(train_model, loader, optimizer, scaler, loss_fn, config,
                                           epoch, step, device, logger, step_hook)
             # Evaluation draws random numbers (data-loader seeds); put the streams back afterwards,

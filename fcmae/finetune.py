@@ -15,23 +15,25 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from . import checkpoint as ckpt
 from . import create_model, distributed
 from .convert import ENCODER_PREFIX, convert_state
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageFiles, eval_transform, labeled_images
+from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, labeled_images, make_train_loader
 from .engine import (AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, prepare_output,
                      setup_run)
 from .logger import RunLogger
 from .models.internimage import dcn_options
 from .models.layers import enable_grad_checkpointing
 from .optim import layer_decay_param_groups, param_groups
+from .shards import SHARD_INDEX, ShardImages, is_shard_spec, open_shard_set
 
 
-def build_datasets(args: argparse.Namespace) -> tuple[ImageFiles, ImageFiles]:
-    """``DATA/train`` and ``DATA/val`` ImageFolder trees with the same classes."""
-    root = Path(args.data_path)
+def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, Dataset]:
+    """Train and validation sets with the same classes: ``DATA/train`` and ``DATA/val``
+    ImageFolder trees, or tar shards with ``cls`` labels (``--data-path`` and
+    ``--val-data-path`` shard specs; classes from ``shards.json``)."""
     if args.linear_probe:
         train_tf = create_transform(args.input_size, is_training=True, no_aug=False, scale=(0.08, 1.0),
                                     hflip=args.hflip, auto_augment=None, re_prob=0.0, color_jitter=None,
@@ -42,11 +44,27 @@ def build_datasets(args: argparse.Namespace) -> tuple[ImageFiles, ImageFiles]:
                                     re_prob=args.reprob, re_mode="pixel", re_count=1,
                                     color_jitter=None, interpolation="bicubic",
                                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    train = labeled_images(root / "train", train_tf)
-    val = labeled_images(root / "val", eval_transform(args.input_size))
+    if is_shard_spec(args.data_path) and not args.val_data_path:
+        raise DataError("training from shards needs --val-data-path (a folder or shards with 'cls' labels)")
+    val_path = args.val_data_path or str(Path(args.data_path) / "val")
+    train = labeled_dataset(args.data_path if is_shard_spec(args.data_path) else str(Path(args.data_path) / "train"),
+                            train_tf, args, cache_dir / "file-list-train.txt", train=True)
+    val = labeled_dataset(val_path, eval_transform(args.input_size), args, cache_dir / "file-list-val.txt",
+                          train=False)
     if train.classes != val.classes:
         raise DataError(f"train and val classes differ: {train.classes[:5]} vs {val.classes[:5]}")
     return train, val
+
+
+def labeled_dataset(path: str, transform, args: argparse.Namespace, cache: Path, train: bool) -> Dataset:
+    """One labeled split: an ImageFolder tree or ``cls``-labeled tar shards."""
+    if not is_shard_spec(path):
+        return labeled_images(path, transform, args.seed, cache)
+    shard_set = open_shard_set(path, args.shard_index)
+    if not shard_set.classes:
+        raise DataError(f"shards {path!r} come with no class names; write them with fcmae-shards "
+                        f"(its {SHARD_INDEX} lists the classes) or pass --shard-index")
+    return ShardImages(shard_set, transform, labeled=True, batch_size=args.batch_size, seed=args.seed, train=train)
 
 
 def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
@@ -115,16 +133,12 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     if not args.eval:
         prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir)
 
-    train_set, val_set = build_datasets(args)
+    train_set, val_set = build_datasets(args, output_dir)
     num_classes = len(train_set.classes)
-    if len(train_set) < args.batch_size * world_size:
-        raise DataError(f"train split has {len(train_set)} images, fewer than one batch; lower --batch-size")
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    # each rank evaluates its own slice, no padding, so the reduced counts are exact
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)),
+    loader = make_train_loader(train_set, args.batch_size, args.num_workers, device, args.seed)
+    # each rank evaluates its own slice (shards split themselves), no padding: reduced counts are exact
+    val_loader = DataLoader(val_set if isinstance(val_set, IterableDataset) else
+                            Subset(val_set, range(rank, len(val_set), world_size)),
                             batch_size=args.batch_size, num_workers=args.num_workers)
 
     model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path,

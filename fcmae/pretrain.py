@@ -6,11 +6,10 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
-from .data import DataError, build_pretrain_dataset
+from .data import build_pretrain_dataset, make_train_loader
 from .engine import RunInfo, ScheduleConfig, check_device, fit, make_scaler, prepare_output, setup_run
 from .logger import RunLogger, reconstruction_grid
 from .masking import check_pretraining_masks
@@ -52,14 +51,9 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     log_dir = Path(args.log_dir) if args.log_dir else output_dir
     prepare_output(output_dir, log_dir)
 
-    dataset = build_pretrain_dataset(args.data_path, args.input_size)
-    if len(dataset) < args.batch_size * world_size:
-        raise DataError(f"dataset has {len(dataset)} images, fewer than one batch "
-                        f"({args.batch_size} x {world_size} processes); lower --batch-size")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+    dataset = build_pretrain_dataset(args.data_path, args.input_size, args.seed, args.batch_size,
+                                     args.shard_index, cache=output_dir / "file-list.txt")
+    loader = make_train_loader(dataset, args.batch_size, args.num_workers, device, args.seed)
 
     model = create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
                          decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss,

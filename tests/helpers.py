@@ -66,3 +66,11 @@ def interrupt_at_epoch(monkeypatch, stop_epoch, error=KeyboardInterrupt):
             raise error("simulated failure")
         return real(*args, **kwargs)
     monkeypatch.setattr(fcmae.engine, "train_one_epoch", wrapped)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for torchrun's rendezvous in tests)."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -13,7 +13,7 @@ from fcmae.cli.pretrain import build_parser, main
 from fcmae.data import DEMO_TRAIN_PHOTOS, demo_photo_paths
 from fcmae.pretrain import run_pretraining
 
-from .helpers import exit_code, interrupt_at_epoch
+from .helpers import exit_code, free_port, interrupt_at_epoch
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
@@ -110,7 +110,7 @@ def test_two_process_gloo_run_ends_with_identical_weights(image_folder, tmp_path
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29517", str(REPO / "tests" / "ddp_worker.py"),
+               "--master_port", str(free_port()), str(REPO / "tests" / "ddp_worker.py"),
                *QUICK, "--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "1",
                "--dist-backend", "gloo", "--device", "cpu"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

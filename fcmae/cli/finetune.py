@@ -22,7 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "Official underscore spellings are accepted too.")
     add = parser.add_argument
     add("--model", default="convnextv2_atto", help=f"one of {', '.join(list_models())}")
-    add("--data-path", "--data_path", required=True, help="folder with train/ and val/ ImageFolder trees")
+    add("--data-path", "--data_path", required=True,
+        help="folder with train/ and val/ ImageFolder trees, or WebDataset tar shards with 'cls' labels "
+             "('/data/train-{000000..000127}.tar', 'pipe:CMD')")
+    add("--val-data-path", "--val_data_path", default=None,
+        help="validation ImageFolder tree or shards (default DATA/val; required with shards)")
+    add("--shard-index", "--shard_index", default=None,
+        help="shards.json written by fcmae-shards (sample counts, class names); needed for pipe: shards")
     add("--finetune", default=None, help="pretrained weights (fcmae-convert output); omit for random init")
     add("--output-dir", "--output_dir", default="output/finetune")
     add("--log-dir", "--log_dir", default=None)

@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask-ratio", "--mask_ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=0.6,
         help="fraction of 32-px patches removed, in (0, 1); every image keeps >= 1 visible and >= 1 removed patch")
     add("--data-path", "--data_path", default=None,
-        help="ImageFolder tree or flat folder of images (labels ignored); omit for the built-in demo photos")
+        help="ImageFolder tree or flat folder of images (labels ignored), or WebDataset tar shards "
+             "('/data/train-{000000..000127}.tar', 'pipe:CMD'); omit for the built-in demo photos")
+    add("--shard-index", "--shard_index", default=None,
+        help="shards.json written by fcmae-shards (sample counts); needed for pipe: shards, found "
+             "beside local shards")
     add("--output-dir", "--output_dir", default="output", help="checkpoints go here")
     add("--log-dir", "--log_dir", default=None, help="TensorBoard events and log.jsonl (default: --output-dir)")
     add("--epochs", type=POSITIVE_INT, default=None, help="default 800 (official), 30 for the demo")

@@ -1,0 +1,56 @@
+"""``fcmae-shards``: pack an image folder into WebDataset tar shards for training at scale."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..data import DataError, find_images
+from ..shards import SHARD_INDEX, write_shards
+from . import POSITIVE, POSITIVE_INT, run_or_exit
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcmae-shards",
+        description="Pack an ImageFolder tree (labels kept as 'cls') or a flat folder of images into "
+                    "WebDataset tar shards with the original bytes (no re-encoding), plus shards.json "
+                    "(sample counts, class names) that fcmae-pretrain and fcmae-finetune read.")
+    parser.add_argument("source", help="image folder")
+    parser.add_argument("destination", help="folder for the shards (created)")
+    parser.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ...")
+    parser.add_argument("--max-count", type=POSITIVE_INT, default=10_000, help="samples per shard at most")
+    parser.add_argument("--max-size", type=POSITIVE, default=1e9, help="bytes per shard at most")
+    parser.add_argument("--no-labels", action="store_true", help="ignore class folders (unlabeled shards)")
+    parser.add_argument("--force", action="store_true", help="write into a folder that already holds shards")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    destination = Path(args.destination)
+    if not args.force and destination.is_dir() and (
+            (destination / SHARD_INDEX).exists() or any(destination.glob(f"{args.prefix}-*.tar"))):
+        raise FileExistsError(f"{destination} already holds shards; pass --force or choose another folder")
+    total = len(find_images(args.source))
+    with tqdm(total=total, desc="packing", unit="img") as bar:
+        summary = write_shards(args.source, destination, args.prefix, args.max_count, args.max_size,
+                               labeled=False if args.no_labels else None, progress=bar.update)
+    for problem in summary["skipped"]:
+        print(f"skipped unreadable file {problem}", file=sys.stderr)
+    labels = f", {len(summary['classes'])} classes" if summary["classes"] else ", unlabeled"
+    first, last = summary["shards"][0]["name"], summary["shards"][-1]["name"]
+    print(f"wrote {summary['samples']} images{labels} into {len(summary['shards'])} shards in {destination} "
+          f"({first} … {last}); skipped {len(summary['skipped'])}; index: {destination / SHARD_INDEX}\n"
+          f"use: --data-path '{destination}/{args.prefix}-{{{first[len(args.prefix) + 1:-4]}..{last[len(args.prefix) + 1:-4]}}}.tar'")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    raise SystemExit(run_or_exit("fcmae-shards", lambda: run(args), (DataError, FileExistsError, OSError, ValueError)))
+
+
+if __name__ == "__main__":
+    main()

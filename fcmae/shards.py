@@ -1,0 +1,281 @@
+"""WebDataset tar shards: streaming them for training on one or many machines, and packing
+image folders into them (``fcmae-shards``).
+
+A shard holds samples ``KEY.jpg`` (or .png, .webp, …: the original bytes) and, for labeled
+data, ``KEY.cls`` (the class index as text). ``fcmae-shards`` also writes ``shards.json`` beside
+the shards: every shard's sample count and the class names, so an epoch's length is known
+without reading the data.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from . import distributed
+from .data import IMAGE_EXTENSIONS, DataError, load_rgb, seed_sample_rngs
+
+SHARD_INDEX = "shards.json"
+IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+
+
+def is_shard_spec(data_path: str | None) -> bool:
+    """A ``--data-path`` that names tar shards (a file, a brace pattern, or a ``pipe:`` command)."""
+    return data_path is not None and (data_path.startswith("pipe:") or ".tar" in data_path)
+
+
+@dataclass
+class ShardSet:
+    """The shards of one spec with their sample counts and (if labeled) the class names."""
+
+    urls: list[str]
+    samples: list[int]
+    classes: list[str]
+
+    @property
+    def total(self) -> int:
+        return sum(self.samples)
+
+
+def open_shard_set(spec: str, index: str | os.PathLike | None = None) -> ShardSet:
+    """Expand ``spec`` and find each shard's sample count: from ``index`` (a ``shards.json``),
+    else the ``shards.json`` beside local shards, else by reading the local tar headers.
+    ``pipe:`` specs need ``index``. Raises :class:`DataError` for a spec that matches nothing."""
+    urls = list(braceexpand(spec))
+    local = not spec.startswith("pipe:")
+    if local:
+        missing = [url for url in urls if not Path(url).is_file()]
+        if len(missing) == len(urls):
+            raise DataError(f"shard spec {spec!r} matches no file")
+        if missing:
+            raise DataError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist (e.g. {missing[0]})")
+    if index is None and local and (Path(urls[0]).parent / SHARD_INDEX).is_file():
+        index = Path(urls[0]).parent / SHARD_INDEX
+    if index is not None:
+        recorded = json.loads(Path(index).read_text())
+        counts = {entry["name"]: entry["samples"] for entry in recorded["shards"]}
+        unknown = [url for url in urls if _shard_name(url) not in counts]
+        if unknown:
+            raise DataError(f"{index} does not list shard {_shard_name(unknown[0])!r}")
+        return ShardSet(urls, [counts[_shard_name(url)] for url in urls], recorded.get("classes", []))
+    if not local:
+        raise DataError(f"a pipe: spec cannot be counted without reading it; pass --shard-index "
+                        f"with the {SHARD_INDEX} that fcmae-shards wrote")
+    return ShardSet(urls, [_count_samples(url) for url in urls], [])
+
+
+def _shard_name(url: str) -> str:
+    """The shard's file name: the last path component of a file or of a pipe command."""
+    return Path(url.split()[-1] if url.startswith("pipe:") else url).name
+
+
+def _count_samples(path: str) -> int:
+    """Image samples in a local tar (member headers only, no data read)."""
+    try:
+        with tarfile.open(path) as tar:
+            return len({member.name.rsplit(".", 1)[0] for member in tar
+                        if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS})
+    except (tarfile.TarError, OSError) as error:
+        raise DataError(f"cannot read shard {path}: {error}") from None
+
+
+class ShardImages(IterableDataset):
+    """Images (and ``cls`` labels) streamed from tar shards, split across ranks and loader workers.
+
+    Training (``train=True``): each epoch shuffles the shard order with ``(seed, epoch)``, rank
+    ``r`` of ``R`` takes every R-th shard, and loader worker ``w`` of ``W`` every W-th of those;
+    samples are shuffled in a buffer. Every rank yields exactly ``len(self)`` samples —
+    ``total // R`` rounded down to whole batches — so DDP ranks take equal steps: with equal
+    shards and a shard count divisible by R·W every sample is seen once per epoch but for that
+    remainder; otherwise a worker whose shards run short starts them again. Evaluation
+    (``train=False``): each sample exactly once across all ranks and workers, in order.
+
+    Unreadable samples (and the rest of a truncated shard) are skipped with a warning and
+    counted in ``num_skipped``, as for folders.
+    """
+
+    def __init__(self, shard_set: ShardSet, transform: Callable[[Image.Image], torch.Tensor],
+                 labeled: bool, batch_size: int, seed: int = 0, train: bool = True,
+                 shuffle_buffer: int = 1000) -> None:
+        self.shards = shard_set
+        self.transform = transform
+        self.labeled = labeled
+        self.batch_size = batch_size
+        self.seed = seed
+        self.train = train
+        self.shuffle_buffer = shuffle_buffer
+        self.classes = shard_set.classes
+        self._epoch = torch.multiprocessing.Value("i", 0)     # read by persistent workers
+        self._skipped = torch.multiprocessing.Value("i", 0)
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skipped.value
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    def check_workers(self, num_workers: int) -> None:
+        """Refuse a split that leaves a rank's loader worker without shards (training only)."""
+        needed = distributed.world_size() * max(1, num_workers)
+        if self.train and len(self.shards.urls) < needed:
+            raise DataError(f"{len(self.shards.urls)} shards cannot feed {distributed.world_size()} process(es) x "
+                            f"{max(1, num_workers)} loader worker(s); write at least {needed} shards "
+                            f"(fcmae-shards --max-count) or lower --num-workers")
+
+    def __len__(self) -> int:
+        if not self.train:
+            return self.shards.total   # all ranks together
+        per_rank = self.shards.total // distributed.world_size()
+        return per_rank // self.batch_size * self.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, int]]:
+        rank, world = distributed.rank(), distributed.world_size()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch = self._epoch.value
+        order = list(range(len(self.shards.urls)))
+        if self.train:
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        mine = [self.shards.urls[i] for i in order[rank::world][worker::workers]]
+        if not self.train:
+            for sample in self._samples(mine):
+                item = self._decode(sample)
+                if item is not None:
+                    yield item
+            return
+        if not mine:
+            raise DataError(f"loader worker {worker} of rank {rank} has no shard; write more shards")
+        batches = len(self) // self.batch_size
+        quota = (batches // workers + (worker < batches % workers)) * self.batch_size
+        rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
+        produced = 0
+        for sample in self._shuffled_passes(mine, rng):
+            item = self._decode(sample, (epoch, rank, worker, produced))
+            if item is not None:
+                yield item
+                produced += 1
+                if produced == quota:
+                    return
+
+    def _shuffled_passes(self, urls: Sequence[str], rng: random.Random) -> Iterator[dict]:
+        """Passes over the samples of ``urls``, each shuffled through a buffer and drained at its
+        end (no sample twice in a pass); a new pass starts when the epoch's quota needs more."""
+        while True:
+            buffer: list[dict] = []
+            read = 0
+            for sample in self._samples(urls):
+                read += 1
+                buffer.append(sample)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            if read == 0:
+                raise DataError(f"shards {urls[0]} … hold no readable image")
+            rng.shuffle(buffer)
+            yield from buffer
+
+    def _samples(self, urls: Sequence[str]) -> Iterator[dict]:
+        def skip(error: Exception) -> bool:
+            self._count_skip(f"shard read failed: {error}")
+            return True      # go on with the next shard
+        for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=skip):
+            yield sample
+
+    def _decode(self, sample: dict, position: tuple[int, ...] | None = None):
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            if key is None:
+                raise ValueError("no image in the sample")
+            if position is not None and get_worker_info() is not None:
+                seed_sample_rngs(self.seed, *position)
+            image = self.transform(load_rgb(io.BytesIO(sample[key])))
+            label = int(sample["cls"]) if self.labeled else None
+        except (OSError, ValueError, KeyError, Image.DecompressionBombError) as error:
+            self._count_skip(f"skipping unreadable image {where}: {error}")
+            return None
+        return (image, label) if self.labeled else image
+
+    def _count_skip(self, message: str) -> None:
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+        warnings.warn(message, stacklevel=3)
+
+
+def write_shards(source: str | os.PathLike, destination: str | os.PathLike, prefix: str = "shard",
+                 max_count: int = 10_000, max_size: float = 1e9, labeled: bool | None = None,
+                 progress: Callable[[int], None] | None = None) -> dict:
+    """Pack the images of ``source`` into ``destination/PREFIX-000000.tar`` … with their original
+    bytes (no re-encoding), plus ``shards.json``. An ImageFolder tree (sub-folders only) keeps
+    its labels as ``cls`` (``labeled=None``: decide by the layout). Each shard is written under
+    a temporary name and renamed when complete. Returns the summary also stored in ``shards.json``."""
+    from .checkpoint import atomic_write
+    from .data import find_images
+    source, destination = Path(source), Path(destination)
+    files = find_images(source)
+    classes = sorted(entry.name for entry in source.iterdir() if entry.is_dir())
+    if labeled is None:
+        labeled = bool(classes) and all(len(path.relative_to(source).parts) > 1 for path in files)
+    if labeled:
+        files = [path for path in files if len(path.relative_to(source).parts) > 1]
+    label_of = {name: index for index, name in enumerate(classes)}
+    destination.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    handles: dict[str, object] = {}
+    skipped: list[str] = []
+
+    def open_partial(name: str):
+        handles[name] = open(f"{name}.partial", "wb")
+        return handles[name]
+
+    def publish(name: str) -> None:
+        handle = handles.pop(name)
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        if writer.count == 0:                 # nothing readable was written to it
+            Path(f"{name}.partial").unlink()
+            return
+        os.replace(f"{name}.partial", name)
+        shards.append({"name": Path(name).name, "samples": writer.count})
+
+    pattern = str(destination / f"{prefix}-%06d.tar")
+    writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, opener=open_partial,
+                             post=publish, verbose=0)
+    try:
+        for index, path in enumerate(files):
+            try:
+                data = path.read_bytes()
+            except OSError as error:
+                skipped.append(f"{path}: {error.strerror or error}")
+                continue
+            sample = {"__key__": f"{index:09d}", path.suffix.lower().lstrip("."): data,
+                      "path": str(path.relative_to(source))}
+            if labeled:
+                sample["cls"] = str(label_of[path.relative_to(source).parts[0]])
+            writer.write(sample)
+            if progress is not None:
+                progress(1)
+    finally:
+        writer.close()
+        for name in list(handles):            # an interrupted shard: never published
+            handles.pop(name).close()
+            Path(f"{name}.partial").unlink(missing_ok=True)
+    if not shards:
+        raise DataError(f"no image under {source} could be read; no shard written")
+    summary = {"source": str(source), "shards": shards, "classes": classes if labeled else [],
+               "samples": sum(shard["samples"] for shard in shards), "skipped": skipped}
+    atomic_write(destination / SHARD_INDEX, lambda file: file.write(json.dumps(summary, indent=1).encode()))
+    return summary

@@ -1,0 +1,172 @@
+"""WebDataset shards: fcmae-shards packs folders faithfully, ranks and workers split an epoch
+without overlap, resume is exact, and bad shards end in a message or a counted skip."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fcmae.checkpoint import load_checkpoint
+from fcmae.cli import pretrain, shards as shards_cli
+from fcmae.data import find_images, load_rgb
+from fcmae.shards import ShardImages, open_shard_set
+
+from .helpers import exit_code, free_port, interrupt_at_epoch
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
+            "--vis-every", "0", "--blr", "0.1", "--warmup-epochs", "1", "--seed", "3"]
+
+
+def to_array(image):
+    return torch.from_numpy(np.array(image))
+
+
+@pytest.fixture(scope="module")
+def labeled_folder(tmp_path_factory):
+    """Three classes of small images in several modes and formats, one in a nested folder."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for index in range(24):
+        folder = root / f"class{index % 3}" / ("nested" if index == 5 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (40 + index, 48, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels) if index % 4 else Image.fromarray(pixels[..., 0])
+        image.save(folder / f"img{index:02d}.{'png' if index % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def packed(labeled_folder, tmp_path_factory):
+    destination = tmp_path_factory.mktemp("shards")
+    assert exit_code(shards_cli.main, [labeled_folder, destination, "--max-count", "3"]) == 0
+    return destination
+
+
+def spec_of(folder, count=8):
+    return f"{folder}/shard-{{000000..{count - 1:06d}}}.tar"
+
+
+def test_shards_hold_the_folder_images_and_labels(labeled_folder, packed):
+    index = json.loads((packed / "shards.json").read_text())
+    assert index["classes"] == ["class0", "class1", "class2"] and index["samples"] == 24
+    assert [shard["samples"] for shard in index["shards"]] == [3] * 8
+    assert not list(packed.glob("*.partial"))
+    stream = ShardImages(open_shard_set(spec_of(packed)), to_array, labeled=True, batch_size=1, train=False)
+    items = list(stream)
+    files = find_images(labeled_folder)
+    assert len(items) == len(files) == 24
+    for (image, label), path in zip(items, files):
+        assert torch.equal(image, to_array(load_rgb(path))), path
+        assert label == int(path.relative_to(labeled_folder).parts[0][-1])
+
+
+def test_two_ranks_and_workers_see_every_sample_once_per_epoch(packed, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "tests" / "shard_worker.py"),
+               spec_of(packed), str(tmp_path), "3", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["batches"] == ranks[1]["batches"] == 4          # 24 / 2 ranks / batch 3
+    index = json.loads((packed / "shards.json").read_text())
+    expected = sorted(int(c) for c in _all_labels(packed, index))
+    for epoch in range(2):
+        seen = ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch]
+        assert sorted(seen) == expected                               # all of them, none twice
+    assert ranks[0]["seen"][0] != ranks[0]["seen"][1]                 # reshuffled between epochs
+
+
+def _all_labels(folder, index):
+    labels = []
+    for shard in index["shards"]:
+        with tarfile.open(folder / shard["name"]) as tar:
+            labels += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".cls")]
+    return labels
+
+
+@pytest.mark.parametrize("source", ["shards", "folder"])
+def test_resume_with_persistent_workers_is_exact(source, labeled_folder, packed, tmp_path, monkeypatch):
+    data = spec_of(packed) if source == "shards" else str(labeled_folder)
+    common = PRETRAIN + ["--data-path", data, "--num-workers", "2", "--epochs", "2", "--steps-per-epoch", "3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert exit_code(pretrain.main, common + ["--output-dir", straight]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 1)
+        assert exit_code(pretrain.main, common + ["--output-dir", split]) == 130
+    assert exit_code(pretrain.main, common + ["--output-dir", split, "--resume", "auto"]) == 0
+    a, b = load_checkpoint(straight / "checkpoint-last.pth"), load_checkpoint(split / "checkpoint-last.pth")
+    assert a["step"] == b["step"] == 6
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_truncated_shard_is_skipped_and_counted(packed, tmp_path):
+    bad = tmp_path / "shard-000000.tar"
+    bad.write_bytes((packed / "shard-000000.tar").read_bytes()[:2000])   # first member cut short
+    good = tmp_path / "shard-000001.tar"
+    good.write_bytes((packed / "shard-000001.tar").read_bytes())
+    index = {"shards": [{"name": bad.name, "samples": 3}, {"name": good.name, "samples": 3}], "classes": ["a"]}
+    (tmp_path / "shards.json").write_text(json.dumps(index))
+    stream = ShardImages(open_shard_set(f"{tmp_path}/shard-{{000000..000001}}.tar"), to_array, labeled=True,
+                         batch_size=1, train=False)
+    with pytest.warns(UserWarning):
+        items = list(stream)
+    assert len(items) == 3 and stream.num_skipped >= 1
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no match", "matches no file"),
+    ("no images", "fewer than one batch"),
+    ("failing pipe", "hold no readable image"),
+    ("pipe without index", "--shard-index"),
+    ("too few shards", "cannot feed"),
+])
+def test_bad_shards_end_with_one_error_line(case, message, packed, tmp_path, capsys):
+    extra = []
+    if case == "no match":
+        spec = f"{tmp_path}/nothing-{{000..003}}.tar"
+    elif case == "no images":
+        write_tar(tmp_path / "text-000.tar", {"0001.txt": b"hello"})
+        spec, extra = f"{tmp_path}/text-000.tar", ["--num-workers", "0"]
+    elif case == "failing pipe":
+        (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": "x.tar", "samples": 8}]}))
+        spec, extra = "pipe:false x.tar", ["--shard-index", tmp_path / "index.json", "--num-workers", "0"]
+    elif case == "pipe without index":
+        spec = "pipe:cat x.tar"
+    else:
+        spec, extra = spec_of(packed, 1), ["--num-workers", "2"]
+    with pytest.warns(UserWarning) if case == "failing pipe" else _nothing():
+        code = exit_code(pretrain.main, PRETRAIN + ["--data-path", spec, "--epochs", "1",
+                                                    "--output-dir", tmp_path / "out", *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_fcmae_shards_refuses_to_overwrite(labeled_folder, packed, capsys):
+    assert exit_code(shards_cli.main, [labeled_folder, packed]) == 2
+    assert "already holds shards" in capsys.readouterr().err
