@@ -13,7 +13,7 @@ from typing import BinaryIO, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 from torchvision import transforms
 
 from . import distributed
@@ -164,10 +164,6 @@ class ImageFiles(Dataset):
         self.repeats = repeats
         self.seed = seed
         self._skipped = multiprocessing.Value("i", 0)  # shared with forked loader workers
-        self._epoch = multiprocessing.Value("i", 0)    # read by persistent workers
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = epoch
 
     @property
     def num_skipped(self) -> int:
@@ -176,9 +172,12 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files) * self.repeats
 
-    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, int]:
-        if get_worker_info() is not None:
-            seed_sample_rngs(self.seed, self._epoch.value, index)
+    def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor | tuple[torch.Tensor, int]:
+        """``item``: an index, or (epoch, index) as the training loader asks for it; then a loader
+        worker seeds its augmentation from (seed, epoch, index), whatever it did before."""
+        epoch, index = item if isinstance(item, tuple) else (None, item)
+        if epoch is not None and get_worker_info() is not None:
+            seed_sample_rngs(self.seed, epoch, index)
         index %= len(self.files)
         for attempt in range(len(self.files)):
             position = (index + attempt) % len(self.files)
@@ -208,30 +207,6 @@ def labeled_images(root: str | os.PathLike, transform: Callable[[Image.Image], t
         raise DataError(f"no images in class folders under {str(root)!r} (expected {root}/<class>/<image>)")
     index = {name: label for label, name in enumerate(classes)}
     return ImageFiles(files, transform, [index[path.relative_to(root).parts[0]] for path in files], classes, seed=seed)
-
-
-def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
-                      seed: int) -> DataLoader:
-    """The training loader of every command: a :class:`DistributedSampler` over a folder
-    dataset, or a streaming dataset that splits itself across ranks (shards); whole batches
-    only; persistent workers (no start-up stall at each epoch; augmentations are seeded per
-    sample, :func:`seed_sample_rngs`) and pinned memory on CUDA."""
-    # the loader's own generator: starting workers (at epoch 0, or at the resumed epoch) never
-    # draws from the global RNG that masks use, so a resumed run continues exactly
-    options = dict(batch_size=batch_size, drop_last=True, num_workers=num_workers,
-                   persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
-                   generator=torch.Generator().manual_seed(seed))
-    if isinstance(dataset, IterableDataset):
-        dataset.check_workers(num_workers)
-        loader = DataLoader(dataset, **options)
-    else:
-        sampler = DistributedSampler(dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                     shuffle=True, seed=seed, drop_last=True)
-        loader = DataLoader(dataset, sampler=sampler, **options)
-    if len(loader) == 0:
-        raise DataError(f"the data holds fewer than one batch of {batch_size} per process "
-                        f"({distributed.world_size()} process(es)); lower --batch-size")
-    return loader
 
 
 def build_pretrain_dataset(data_path: str | None, input_size: int, seed: int = 0, batch_size: int = 1,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import sys
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from . import distributed
 from . import checkpoint as ckpt
+from .loader import BatchStream
 from .logger import RunLogger
 from .optim import cosine_lr, set_lr
 
@@ -44,7 +46,6 @@ class ScheduleConfig:
     accum_iter: int = 1
     clip_grad: float | None = None
     amp: str = "none"
-    steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (None: whole loader)
 
 
 def setup_run(args: argparse.Namespace) -> tuple[int, int, torch.device]:
@@ -102,18 +103,18 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, loss_fn: LossFn, config: ScheduleConfig,
                     epoch: int, step: int, device: torch.device, logger: RunLogger,
                     step_hook: StepHook | None = None) -> tuple[dict[str, float], int]:
-    """Train ``epoch``; returns ({'loss': mean, ...}, global optimizer step after the epoch)."""
+    """Train ``epoch`` on ``len(batches) // accum_iter`` optimizer steps taken from ``batches``
+    (a :class:`~fcmae.loader.BatchStream`, or any sized iterable); returns
+    ({'loss': mean, ...}, global optimizer step after the epoch)."""
     model.train()
     accum = config.accum_iter
-    steps = len(loader) // accum
-    if config.steps_per_epoch:
-        steps = min(steps, config.steps_per_epoch)
+    steps = len(batches) // accum
     if steps == 0:
-        raise ValueError(f"an epoch has {len(loader)} batches, fewer than --accum-iter {accum}")
+        raise ValueError(f"an epoch has {len(batches)} batches, fewer than --accum-iter {accum}")
     amp_dtype = AMP_DTYPES[config.amp]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses: list[float] = []
@@ -122,9 +123,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     dynamic_ncols=True)
     step_start = time.perf_counter()
     try:
-        for index, batch in enumerate(loader):
-            if index >= steps * accum:
-                break
+        for index, batch in enumerate(itertools.islice(iter(batches), steps * accum)):
             if index % accum == 0:
                 lr = cosine_lr(epoch + index / (steps * accum), config.lr, config.min_lr,
                                config.warmup_epochs, config.epochs)
@@ -204,14 +203,11 @@ def fit(model: nn.Module, train_model: nn.Module, loader, optimizer: torch.optim
     Returns the path of ``checkpoint-last.pth``.
     """
     last = run.output_dir / ckpt.LAST
-    sampler = getattr(loader, "sampler", None)
+    batches = BatchStream(loader, start_epoch) if start_epoch < config.epochs else []
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, config.epochs):
-            for reshuffled in (sampler, loader.dataset):   # folder sampler; datasets seed per epoch
-                if hasattr(reshuffled, "set_epoch"):
-                    reshuffled.set_epoch(epoch)
-            stats, step = train_one_epoch(train_model, loader, optimizer, scaler, loss_fn, config,
+            stats, step = train_one_epoch(train_model, batches, optimizer, scaler, loss_fn, config,
                                           epoch, step, device, logger, step_hook)
             # Evaluation draws random numbers (data-loader seeds); put the streams back afterwards,
             # so an uninterrupted run continues exactly where a resumed one does.

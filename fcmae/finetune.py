@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from . import checkpoint as ckpt
 from . import create_model, distributed
 from .convert import ENCODER_PREFIX, convert_state
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, labeled_images, make_train_loader
+from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, labeled_images
+from .loader import make_train_loader
 from .engine import (AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, prepare_output,
                      setup_run)
 from .logger import RunLogger
@@ -135,7 +136,8 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
 
     train_set, val_set = build_datasets(args, output_dir)
     num_classes = len(train_set.classes)
-    loader = make_train_loader(train_set, args.batch_size, args.num_workers, device, args.seed)
+    loader = make_train_loader(train_set, args.batch_size, args.num_workers, device, args.seed,
+                               args.accum_iter, args.steps_per_epoch)
     # each rank evaluates its own slice (shards split themselves), no padding: reduced counts are exact
     val_loader = DataLoader(val_set if isinstance(val_set, IterableDataset) else
                             Subset(val_set, range(rank, len(val_set), world_size)),
@@ -213,7 +215,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
               f"weights {args.finetune or 'random init'}")
     config = ScheduleConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                             epochs=args.epochs, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-                            amp=args.amp, steps_per_epoch=args.steps_per_epoch)
+                            amp=args.amp)
     run = RunInfo(args.model, args, output_dir, args.save_every)
     try:
         fit(model, train_model, loader, optimizer, scaler, classification_loss, config, run,

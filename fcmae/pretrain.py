@@ -9,7 +9,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
-from .data import build_pretrain_dataset, make_train_loader
+from .data import build_pretrain_dataset
+from .loader import make_train_loader
 from .engine import RunInfo, ScheduleConfig, check_device, fit, make_scaler, prepare_output, setup_run
 from .logger import RunLogger, reconstruction_grid
 from .masking import check_pretraining_masks
@@ -53,7 +54,8 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
 
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.seed, args.batch_size,
                                      args.shard_index, cache=output_dir / "file-list.txt")
-    loader = make_train_loader(dataset, args.batch_size, args.num_workers, device, args.seed)
+    loader = make_train_loader(dataset, args.batch_size, args.num_workers, device, args.seed,
+                               args.accum_iter, args.steps_per_epoch)
 
     model = create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
                          decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss,
@@ -97,7 +99,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
               f"eff. batch {eff_batch}, lr {args.lr:.3g}, {args.epochs} epochs")
     config = ScheduleConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                             epochs=args.epochs, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-                            amp=args.amp, steps_per_epoch=args.steps_per_epoch)
+                            amp=args.amp)
 
     def log_reconstructions(global_step: int, imgs: torch.Tensor, outputs) -> None:
         if main and args.vis_every and global_step % args.vis_every == 0:

@@ -9,6 +9,7 @@ without reading the data.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -94,12 +95,13 @@ def _count_samples(path: str) -> int:
 class ShardImages(IterableDataset):
     """Images (and ``cls`` labels) streamed from tar shards, split across ranks and loader workers.
 
-    Training (``train=True``): each epoch shuffles the shard order with ``(seed, epoch)``, rank
-    ``r`` of ``R`` takes every R-th shard, and loader worker ``w`` of ``W`` every W-th of those;
-    samples are shuffled in a buffer. Every rank yields exactly ``len(self)`` samples —
-    ``total // R`` rounded down to whole batches — so DDP ranks take equal steps: with equal
-    shards and a shard count divisible by R·W every sample is seen once per epoch but for that
-    remainder; otherwise a worker whose shards run short starts them again. Evaluation
+    Training (``train=True``): an endless stream of epochs from the one set by ``set_epoch``.
+    Each epoch shuffles the shard order with ``(seed, epoch)``; rank ``r`` of ``R`` takes every
+    R-th shard, and loader worker ``w`` of ``W`` every W-th of those; samples are shuffled in a
+    buffer. Every rank yields the same number of batches per epoch (``plan_epochs``: at most
+    ``total // R`` samples, in whole batches, equal per worker), so DDP ranks take equal steps:
+    with equal shards and a shard count divisible by R·W every sample is seen once per epoch
+    but for that remainder; a worker whose shards run short starts them again. Evaluation
     (``train=False``): each sample exactly once across all ranks and workers, in order.
 
     Unreadable samples (and the rest of a truncated shard) are skipped with a warning and
@@ -117,15 +119,24 @@ class ShardImages(IterableDataset):
         self.train = train
         self.shuffle_buffer = shuffle_buffer
         self.classes = shard_set.classes
-        self._epoch = torch.multiprocessing.Value("i", 0)     # read by persistent workers
-        self._skipped = torch.multiprocessing.Value("i", 0)
+        self.start_epoch = 0
+        self.batches_per_epoch = self.samples_per_rank() // batch_size
+        self._skipped = torch.multiprocessing.Value("i", 0)   # shared with forked loader workers
 
     @property
     def num_skipped(self) -> int:
         return self._skipped.value
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = epoch
+        """The first epoch of the training stream (set before the loader iterator is made)."""
+        self.start_epoch = epoch
+
+    def samples_per_rank(self) -> int:
+        return self.shards.total // distributed.world_size()
+
+    def plan_epochs(self, batches_per_epoch: int) -> None:
+        """Batches per rank and epoch (a multiple of the loader's worker count)."""
+        self.batches_per_epoch = batches_per_epoch
 
     def check_workers(self, num_workers: int) -> None:
         """Refuse a split that leaves a rank's loader worker without shards (training only)."""
@@ -138,37 +149,34 @@ class ShardImages(IterableDataset):
     def __len__(self) -> int:
         if not self.train:
             return self.shards.total   # all ranks together
-        per_rank = self.shards.total // distributed.world_size()
-        return per_rank // self.batch_size * self.batch_size
+        return self.batches_per_epoch * self.batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, int]]:
         rank, world = distributed.rank(), distributed.world_size()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch = self._epoch.value
-        order = list(range(len(self.shards.urls)))
-        if self.train:
-            random.Random(f"{self.seed}-{epoch}").shuffle(order)
-        mine = [self.shards.urls[i] for i in order[rank::world][worker::workers]]
         if not self.train:
-            for sample in self._samples(mine):
+            for sample in self._samples(self.shards.urls[rank::world][worker::workers]):
                 item = self._decode(sample)
                 if item is not None:
                     yield item
             return
-        if not mine:
-            raise DataError(f"loader worker {worker} of rank {rank} has no shard; write more shards")
-        batches = len(self) // self.batch_size
-        quota = (batches // workers + (worker < batches % workers)) * self.batch_size
-        rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
-        produced = 0
-        for sample in self._shuffled_passes(mine, rng):
-            item = self._decode(sample, (epoch, rank, worker, produced))
-            if item is not None:
-                yield item
-                produced += 1
-                if produced == quota:
-                    return
+        quota = self.batches_per_epoch // workers * self.batch_size   # equal per worker: see plan_epochs
+        for epoch in itertools.count(self.start_epoch):
+            order = list(range(len(self.shards.urls)))
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            mine = [self.shards.urls[i] for i in order[rank::world][worker::workers]]
+            if not mine:
+                raise DataError(f"loader worker {worker} of rank {rank} has no shard; write more shards")
+            rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
+            produced = 0
+            for sample in self._shuffled_passes(mine, rng):
+                item = self._decode(sample, (epoch, rank, worker, produced))
+                if item is not None:
+                    yield item
+                    produced += 1
+                    if produced == quota:
+                        break
 
     def _shuffled_passes(self, urls: Sequence[str], rng: random.Random) -> Iterator[dict]:
         """Passes over the samples of ``urls``, each shuffled through a buffer and drained at its
