@@ -78,8 +78,10 @@ def open_shard_set(spec: str, index: str | os.PathLike | None = None) -> ShardSe
 
 
 def _shard_name(url: str) -> str:
-    """The shard's file name: the last path component of a file or of a pipe command."""
-    return Path(url.split()[-1] if url.startswith("pipe:") else url).name
+    """The shard's file name: of the file, or of the last ``*.tar`` word of a pipe command."""
+    if url.startswith("pipe:"):
+        url = next((word for word in reversed(url.split()) if ".tar" in word), url)
+    return Path(url).name
 
 
 def _count_samples(path: str) -> int:

@@ -170,3 +170,13 @@ class _nothing:
 def test_fcmae_shards_refuses_to_overwrite(labeled_folder, packed, capsys):
     assert exit_code(shards_cli.main, [labeled_folder, packed]) == 2
     assert "already holds shards" in capsys.readouterr().err
+
+
+def test_pipe_shards_read_like_local_ones(packed):
+    local = ShardImages(open_shard_set(spec_of(packed, 2)), to_array, labeled=True, batch_size=1, train=False)
+    piped_set = open_shard_set(f"pipe:cat {packed}/shard-{{000000..000001}}.tar", packed / "shards.json")
+    assert piped_set.samples == [3, 3]
+    piped = ShardImages(piped_set, to_array, labeled=True, batch_size=1, train=False)
+    pairs = list(zip(local, piped, strict=True))
+    assert len(pairs) == 6
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in pairs)
