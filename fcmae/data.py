@@ -7,8 +7,9 @@ import multiprocessing
 import os
 import random
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch

@@ -7,10 +7,11 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import distributed
 from . import checkpoint as ckpt
+from . import distributed
 from .loader import BatchStream
 from .logger import RunLogger
 from .optim import cosine_lr, set_lr

@@ -21,9 +21,8 @@ from . import checkpoint as ckpt
 from . import create_model, distributed
 from .convert import ENCODER_PREFIX, convert_state
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, labeled_images
+from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, prepare_output, setup_run
 from .loader import make_train_loader
-from .engine import (AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, prepare_output,
-                     setup_run)
 from .logger import RunLogger
 from .models.internimage import dcn_options
 from .models.layers import enable_grad_checkpointing

@@ -1,7 +1,7 @@
 """Random patch masks for FCMAE. Convention (official): mask == 1 marks a *removed* patch."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -10,8 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
 from .data import build_pretrain_dataset
-from .loader import make_train_loader
 from .engine import RunInfo, ScheduleConfig, check_device, fit, make_scaler, prepare_output, setup_run
+from .loader import make_train_loader
 from .logger import RunLogger, reconstruction_grid
 from .masking import check_pretraining_masks
 from .models.internimage import dcn_options

@@ -1,7 +1,7 @@
 """Memory accounting helpers for benchmarks and tests."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -15,9 +15,9 @@ import os
 import random
 import tarfile
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import webdataset as wds
@@ -200,8 +200,7 @@ class ShardImages(IterableDataset):
         def skip(error: Exception) -> bool:
             self._count_skip(f"shard read failed: {error}")
             return True      # go on with the next shard
-        for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=skip):
-            yield sample
+        yield from wds.tarfile_samples([{"url": url} for url in urls], handler=skip)
 
     def _decode(self, sample: dict, position: tuple[int, ...] | None = None):
         key = next((k for k in IMAGE_KEYS if k in sample), None)

@@ -36,7 +36,7 @@ class ActiveSites:
         self.cache: dict[Any, Any] = {}  # backend-owned derived data (kernel maps, ...)
 
     @classmethod
-    def from_mask(cls, active: Tensor, stride: int = 1) -> "ActiveSites":
+    def from_mask(cls, active: Tensor, stride: int = 1) -> ActiveSites:
         """Sites where ``active`` (B, H, W) is true, in raster order."""
         if active.ndim != 3:
             raise ValueError(f"active mask must be (B, H, W), got {tuple(active.shape)}")
@@ -129,7 +129,7 @@ class SparseImage:
 
     @classmethod
     def from_dense(cls, dense: Tensor, active: Tensor, stride: int = 1,
-                   backend: str = "torch") -> "SparseImage":
+                   backend: str = "torch") -> SparseImage:
         """Keep the sites of ``dense`` (B, C, H, W) where ``active`` (B, H, W) is true."""
         if dense.ndim != 4 or active.shape != (dense.shape[0], *dense.shape[2:]):
             raise ValueError(f"expected dense (B, C, H, W) and active (B, H, W), got "
@@ -142,7 +142,7 @@ class SparseImage:
         """(B, C, H, W) with zeros at inactive sites (channels-last memory layout)."""
         return self.sites.scatter_dense(self.features).permute(0, 3, 1, 2)
 
-    def replace(self, features: Tensor) -> "SparseImage":
+    def replace(self, features: Tensor) -> SparseImage:
         """The same sites and backend with new (N, C') features."""
         return SparseImage(features, self.sites, self.backend)
 

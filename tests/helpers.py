@@ -1,5 +1,5 @@
 """Small helpers shared by the tests."""
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -10,7 +10,6 @@ from fcmae.cli import convert, finetune, pretrain
 
 from .helpers import exit_code
 
-
 PRETRAIN = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "2", "--decoder-dim", "32",
             "--num-workers", "0", "--vis-every", "0", "--epochs", "1", "--steps-per-epoch", "1"]
 

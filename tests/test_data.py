@@ -37,7 +37,8 @@ def test_every_mode_decodes_to_the_expected_rgb(tmp_path):
         "gray with alpha": (write(tmp_path / "la.png", Image.fromarray(np.stack([GRAY, GRAY // 2], 2), "LA")),
                             gray_rgb),
         "rgba": (write(tmp_path / "rgba.png", Image.fromarray(rgba, "RGBA")), RGB),
-        "1-bit": (write(tmp_path / "bw.png", Image.fromarray(GRAY > 100)), np.repeat((GRAY > 100)[..., None] * 255, 3, 2)),
+        "1-bit": (write(tmp_path / "bw.png", Image.fromarray(GRAY > 100)),
+                  np.repeat((GRAY > 100)[..., None] * 255, 3, axis=2)),
     }
     for name, (path, expected) in cases.items():
         decoded = load_rgb(path)

@@ -4,7 +4,6 @@ no temporary file is left."""
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path

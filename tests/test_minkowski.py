@@ -10,7 +10,8 @@ import torch
 
 import fcmae
 import sparse_ops
-from sparse_ops import SparseImage, functional as SF
+from sparse_ops import SparseImage
+from sparse_ops import functional as SF
 
 from .helpers import assert_close, randomize_
 

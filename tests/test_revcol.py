@@ -132,7 +132,7 @@ def test_intermediate_supervision_heads_keys_and_loss():
     model = RevCol((16, 32, 48, 64), (1, 1, 2, 1), num_subnet=4, num_classes=5, inter_supv=True)
     imgs, targets = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
     logits, recons = model.forward_inter(imgs)
-    assert [tuple(l.shape) for l in logits] == [(2, 5)] * 4
+    assert [tuple(logit.shape) for logit in logits] == [(2, 5)] * 4
     assert [tuple(r.shape) for r in recons] == [(2, 3, 64, 64)] * 3
     torch.testing.assert_close(model.eval()(imgs), model.forward_inter(imgs)[0][-1])
     loss = inter_supervision_loss(logits, recons, imgs, targets, IMAGENET_MEAN, IMAGENET_STD)

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from fcmae.checkpoint import load_checkpoint
-from fcmae.cli import pretrain, shards as shards_cli
+from fcmae.cli import pretrain
+from fcmae.cli import shards as shards_cli
 from fcmae.data import find_images, load_rgb
 from fcmae.shards import ShardImages, open_shard_set
 

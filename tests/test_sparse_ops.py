@@ -5,8 +5,12 @@ import torch.nn.functional as F
 import sparse_ops
 import sparse_ops.nn as snn
 from sparse_ops import SparseImage
-from sparse_ops.layout import (conv_kernel_to_weight, conv_weight_to_kernel,
-                               depthwise_kernel_to_weight, depthwise_weight_to_kernel)
+from sparse_ops.layout import (
+    conv_kernel_to_weight,
+    conv_weight_to_kernel,
+    depthwise_kernel_to_weight,
+    depthwise_weight_to_kernel,
+)
 
 from .helpers import assert_close
 

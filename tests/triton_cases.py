@@ -13,6 +13,7 @@ from fcmae.masking import random_masks
 from fcmae.models.dcnv3_ops import dcnv3_sample
 from fcmae.models.internimage import InternImage
 
+
 def sample_inputs(shape, groups, seed, device, group_channels=4, offset_std=1.5):
     generator = torch.Generator().manual_seed(seed)
     value = torch.randn(*shape, groups * group_channels, generator=generator)

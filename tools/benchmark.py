@@ -26,17 +26,14 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import fcmae  # noqa: E402
-import sparse_ops  # noqa: E402
-from fcmae.masking import patch_grid, random_masks  # noqa: E402
-from fcmae.models.dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls  # noqa: E402
+import fcmae
+import sparse_ops
+from fcmae.masking import patch_grid, random_masks
+from fcmae.models.dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

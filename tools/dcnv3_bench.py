@@ -15,21 +15,16 @@ faster) and the largest difference from its output:
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fcmae.models.dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, dcnv3_sample  # noqa: E402
-from fcmae.models.internimage import INTERNIMAGE_SIZES, STEM_STRIDE  # noqa: E402
-from fcmae.profiling import saved_activation_bytes  # noqa: E402
+from fcmae.models.dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, dcnv3_sample
+from fcmae.models.internimage import INTERNIMAGE_SIZES, STEM_STRIDE
+from fcmae.profiling import saved_activation_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -94,10 +89,9 @@ def main() -> None:
                                                          1 - args.mask_ratio, dtype, device)
         row, outputs = {}, {}
         for name, sampler in samplers.items():
-            def forward(sampler=sampler):
-                return sampler(value, offset, weight, groups, query_yx=query_yx)
+            forward = partial(sampler, value, offset, weight, groups, query_yx=query_yx)
             saved, outputs[name] = saved_activation_bytes(forward)
-            row[name] = (time_step(lambda: forward().float().square().mean().backward(), device, args.iters),
+            row[name] = (time_step(lambda run=forward: run().float().square().mean().backward(), device, args.iters),
                          saved / 2 ** 20)
         line = f"{level:>5}{f'{size}x{size}':>8}{groups:>4}" + "".join(
             f"{row[name][0]:>21.1f}{row[name][1]:>11.1f}" for name in samplers)

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fcmae.checkpoint import atomic_save, load_checkpoint, state_dict_of  # noqa: E402
-from fcmae.cli.finetune import build_parser as finetune_parser  # noqa: E402
-from fcmae.cli.pretrain import build_parser as pretrain_parser  # noqa: E402
-from fcmae.convert import convert_state  # noqa: E402
-from fcmae.finetune import run_finetuning  # noqa: E402
-from fcmae.pretrain import run_pretraining  # noqa: E402
+from fcmae.checkpoint import atomic_save, load_checkpoint, state_dict_of
+from fcmae.cli.finetune import build_parser as finetune_parser
+from fcmae.cli.pretrain import build_parser as pretrain_parser
+from fcmae.convert import convert_state
+from fcmae.finetune import run_finetuning
+from fcmae.pretrain import run_pretraining
 
 SIDE = 96
 

@@ -31,8 +31,8 @@ from PIL import Image
 
 import fcmae
 from fcmae.data import build_pretrain_dataset, find_images, load_rgb
-from fcmae.loader import BatchStream, make_train_loader
 from fcmae.engine import AMP_DTYPES
+from fcmae.loader import BatchStream, make_train_loader
 from fcmae.optim import param_groups
 from fcmae.shards import write_shards
 
@@ -189,7 +189,8 @@ def main(argv=None) -> None:
               f"torchvision.io.decode_jpeg {decode['torchvision_decode_jpeg']:.0f} img/s")
     if "scan_s" in results:
         scan = results["scan_s"]
-        print(f"listing {scan['files']} files: {scan['fresh']:.2f} s fresh, {scan['cached']:.2f} s from the cached list")
+        print(f"listing {scan['files']} files: {scan['fresh']:.2f} s fresh, "
+              f"{scan['cached']:.2f} s from the cached list")
     if model is not None:
         best = max(value["img_per_s"] for key, value in results.items() if "/" in key)
         verdict = "the loader keeps up" if best >= model else "input-bound: add workers or faster storage"

@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fcmae import create_fcmae  # noqa: E402
-from fcmae.checkpoint import load_checkpoint  # noqa: E402
-from fcmae.cli.pretrain import build_parser  # noqa: E402
-from fcmae.data import DEMO_HELDOUT_PHOTOS, demo_photo_paths, pretrain_transform  # noqa: E402
-from fcmae.masking import random_masks  # noqa: E402
-from fcmae.pretrain import run_pretraining  # noqa: E402
+from fcmae import create_fcmae
+from fcmae.checkpoint import load_checkpoint
+from fcmae.cli.pretrain import build_parser
+from fcmae.data import DEMO_HELDOUT_PHOTOS, demo_photo_paths, pretrain_transform
+from fcmae.masking import random_masks
+from fcmae.pretrain import run_pretraining
 
 
 def heldout_batch(crops_per_photo: int, input_size: int, seed: int) -> torch.Tensor:

@@ -10,16 +10,12 @@ runs. On GPU it also reports torch.cuda.max_memory_allocated for a full training
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fcmae.masking import random_masks  # noqa: E402
-from fcmae.models.revcol import REVCOL_SIZES, RevCol  # noqa: E402
-from fcmae.profiling import saved_activation_bytes  # noqa: E402
+from fcmae.masking import random_masks
+from fcmae.models.revcol import REVCOL_SIZES, RevCol
+from fcmae.profiling import saved_activation_bytes
 
 
 def main() -> None:
@@ -29,7 +25,7 @@ def main() -> None:
     parser.add_argument("--columns", default="2,4,8,16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    channels, layers, _, _ = REVCOL_SIZES["t"]
+    channels, layers, _ = REVCOL_SIZES["t"]
     device = torch.device(args.device)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     mask = random_masks(args.batch_size, (args.input_size // 32) ** 2, 0.6, device=device)

@@ -3,7 +3,8 @@ import argparse
 import math
 import signal
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from ..models.dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL
 

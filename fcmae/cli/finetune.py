@@ -9,8 +9,17 @@ from .. import list_models
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..engine import AMP_DTYPES, NonFiniteLossError
-from . import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, SEED,
-               add_execution_arguments, number, run_or_exit)
+from . import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    SEED,
+    add_execution_arguments,
+    number,
+    run_or_exit,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min-lr", "--min_lr", type=NON_NEGATIVE, default=1e-6)
     add("--warmup-epochs", "--warmup_epochs", type=NON_NEGATIVE, default=20)
     add("--weight-decay", "--weight_decay", type=NON_NEGATIVE, default=0.05)
-    add("--layer-decay", "--layer_decay", type=number(float, 0, 1, low_open=True), default=1.0, help="layer-wise lr decay (1.0: off)")
+    add("--layer-decay", "--layer_decay", type=number(float, 0, 1, low_open=True), default=1.0,
+        help="layer-wise lr decay (1.0: off)")
     add("--layer-decay-type", "--layer_decay_type", choices=["single", "group"], default="single")
     add("--drop-path", "--drop_path", type=number(float, 0, 1, high_open=True), default=0.1)
     add_execution_arguments(parser)

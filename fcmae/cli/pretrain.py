@@ -12,8 +12,7 @@ from .. import list_models
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..engine import AMP_DTYPES, NonFiniteLossError
-from . import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, add_execution_arguments,
-               number, run_or_exit)
+from . import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, add_execution_arguments, number, run_or_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min-lr", "--min_lr", type=NON_NEGATIVE, default=0.0, help="final lr of the cosine schedule")
     add("--weight-decay", "--weight_decay", type=NON_NEGATIVE, default=0.05,
         help="AdamW weight decay (not applied to norms, biases, GRN, mask token)")
-    add("--warmup-epochs", "--warmup_epochs", type=NON_NEGATIVE, default=None, help="linear warmup (default 40, demo 3)")
+    add("--warmup-epochs", "--warmup_epochs", type=NON_NEGATIVE, default=None,
+        help="linear warmup (default 40, demo 3)")
     add("--input-size", "--input_size", type=POSITIVE_INT, default=224, help="crop size, a multiple of 32")
     add("--decoder-dim", "--decoder_dim", type=POSITIVE_INT, default=512, help="decoder width")
     add("--decoder-depth", "--decoder_depth", type=NON_NEGATIVE_INT, default=1, help="decoder ConvNeXt V2 blocks")

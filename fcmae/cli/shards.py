@@ -40,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
     for problem in summary["skipped"]:
         print(f"skipped unreadable file {problem}", file=sys.stderr)
     labels = f", {len(summary['classes'])} classes" if summary["classes"] else ", unlabeled"
-    first, last = summary["shards"][0]["name"], summary["shards"][-1]["name"]
-    print(f"wrote {summary['samples']} images{labels} into {len(summary['shards'])} shards in {destination} "
-          f"({first} … {last}); skipped {len(summary['skipped'])}; index: {destination / SHARD_INDEX}\n"
-          f"use: --data-path '{destination}/{args.prefix}-{{{first[len(args.prefix) + 1:-4]}..{last[len(args.prefix) + 1:-4]}}}.tar'")
+    numbers = [shard["name"][len(args.prefix) + 1:-len(".tar")] for shard in summary["shards"]]
+    print(f"wrote {summary['samples']} images{labels} into {len(numbers)} shards in {destination}; "
+          f"skipped {len(summary['skipped'])}; index: {destination / SHARD_INDEX}\n"
+          f"use: --data-path '{destination}/{args.prefix}-{{{numbers[0]}..{numbers[-1]}}}.tar'")
     return 0
 
 

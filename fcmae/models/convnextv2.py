@@ -6,8 +6,8 @@ FCMAE (MinkowskiEngine) checkpoints strictly, whatever ``sparse_ops`` backend ru
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 from timm.layers import DropPath
 from torch import Tensor, nn

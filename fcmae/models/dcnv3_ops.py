@@ -105,6 +105,6 @@ def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, ker
     if impl == "grid_sample":
         out = _grid_sample_sampling(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
     else:
-        from .dcnv3_triton import TritonSample      # Triton is optional; CUDA devices only
+        from .dcnv3_triton import TritonSample  # Triton is optional; CUDA devices only
         out = TritonSample.apply(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
     return out.reshape(out_shape)

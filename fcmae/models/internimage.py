@@ -21,8 +21,8 @@ give the same numbers.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -14,8 +14,8 @@ is exactly zero at removed sites and nothing leaks across 32-px patches.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,13 @@ from ..masking import keep_maps
 from .layers import BlockSequence, LayerNorm2d, apply_keep, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
-# name: (channels, blocks per level, columns, default drop path)
-REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int, float]] = {
-    "t": ((64, 128, 256, 512), (2, 2, 4, 2), 4, 0.1),
-    "s": ((64, 128, 256, 512), (2, 2, 4, 2), 8, 0.3),
-    "b": ((72, 144, 288, 576), (1, 1, 3, 2), 16, 0.4),
-    "l": ((128, 256, 512, 1024), (1, 2, 6, 2), 8, 0.5),
-    "xl": ((224, 448, 896, 1792), (1, 2, 6, 2), 8, 0.5),
+# name: (channels, blocks per level, columns)
+REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
+    "t": ((64, 128, 256, 512), (2, 2, 4, 2), 4),
+    "s": ((64, 128, 256, 512), (2, 2, 4, 2), 8),
+    "b": ((72, 144, 288, 576), (1, 1, 3, 2), 16),
+    "l": ((128, 256, 512, 1024), (1, 2, 6, 2), 8),
+    "xl": ((224, 448, 896, 1792), (1, 2, 6, 2), 8),
 }
 
 STEM_STRIDE = 4
@@ -360,7 +360,7 @@ class RevCol(nn.Module):
 
 
 def _register_sizes() -> None:
-    for size, (channels, layers, columns, drop_path) in REVCOL_SIZES.items():
+    for size, (channels, layers, columns) in REVCOL_SIZES.items():
         config = dict(channels=channels, layers=layers, num_subnet=columns)
         register_model(f"revcol_{size}", partial(RevCol, **config), partial(masked_dense_encoder, RevCol, **config))
 

@@ -6,7 +6,7 @@ model code never names a backend beyond passing the string through.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
