@@ -24,6 +24,9 @@ class DepthwiseConv2d(nn.Module):
     def forward(self, x: SparseImage) -> SparseImage:
         return SF.depthwise_conv2d(x, self.kernel, self.bias)
 
+    def extra_repr(self) -> str:
+        return f"{self.kernel.shape[1]}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+
 
 class Conv2d(nn.Module):
     """Strided conv with ``kernel_size == stride`` (e.g. 2×2/2 downsampling).
@@ -43,6 +46,10 @@ class Conv2d(nn.Module):
 
     def forward(self, x: SparseImage) -> SparseImage:
         return SF.strided_conv2d(x, self.kernel, self.bias, self.stride)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kernel.shape[1]}, {self.kernel.shape[2]}, kernel_size={self.stride}, "
+                f"stride={self.stride}, bias={self.bias is not None}")
 
 
 class Linear(nn.Module):
@@ -88,6 +95,9 @@ class GRN(nn.Module):
 
     def forward(self, x: SparseImage) -> SparseImage:
         return SF.grn(x, self.gamma, self.beta, self.eps, self.batch_stats)
+
+    def extra_repr(self) -> str:
+        return f"{self.gamma.shape[1]}, eps={self.eps}" + (", batch_stats=True" if self.batch_stats else "")
 
 
 class DropPath(nn.Module):

@@ -135,3 +135,12 @@ def test_verify_fails_on_nan_difference(tmp_path, monkeypatch, capsys):
     assert run("convert", ["--verify"], tmp_path) == 1
     assert "verification failed" in capsys.readouterr().err
     assert not (tmp_path / "out" / "dense.pth").exists()
+
+
+@pytest.mark.parametrize("model", ["internimage_t", "revcol_t"])
+def test_families_without_a_sparse_path_refuse_another_backend(model):
+    from fcmae.models import get_model_entry
+    with torch.device("meta"):
+        assert get_model_entry(model).build_encoder(backend="torch") is not None
+        with pytest.raises(ValueError, match="no sparse encoder .* use --backend torch"):
+            get_model_entry(model).build_encoder(backend="minkowski")

@@ -152,3 +152,11 @@ def test_unknown_backend_lists_valid_names():
     with pytest.raises(ValueError, match="unknown sparse backend 'nope'.*torch"):
         sparse_ops.get_backend("nope")
     assert "torch" in sparse_ops.available_backends()
+
+
+def test_layers_print_their_shapes_like_torch_nn():
+    from sparse_ops import nn as snn
+    assert repr(snn.DepthwiseConv2d(40, 7)) == "DepthwiseConv2d(40, kernel_size=7, bias=True)"
+    assert repr(snn.Conv2d(40, 80)) == "Conv2d(40, 80, kernel_size=2, stride=2, bias=True)"
+    assert repr(snn.GRN(160)) == "GRN(160, eps=1e-06)"
+    assert "Linear(in_features=40, out_features=160, bias=True)" in repr(snn.Linear(40, 160))

@@ -47,5 +47,9 @@ def masked_dense_encoder(model_class: Callable[..., nn.Module], backend: str = "
                          **kwargs) -> nn.Module:
     """FCMAE encoder for architectures that run masked-dense (re-masking after every spatial
     op) rather than through ``sparse_ops``: the classifier without its head, called as
-    ``encoder(imgs, mask)``. ``backend`` is accepted for a uniform API and not used."""
+    ``encoder(imgs, mask)``. They never use a sparse backend, so any ``backend`` but the
+    default ``torch`` is refused rather than silently ignored."""
+    if backend != "torch":
+        raise ValueError(f"{model_class.__name__} has no sparse encoder (it runs masked-dense in PyTorch); "
+                         f"--backend {backend} does not apply: use --backend torch")
     return model_class(num_classes=0, **kwargs)
