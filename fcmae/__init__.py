@@ -5,7 +5,7 @@ from torch import nn
 
 import sparse_ops
 
-from .fcmae import FCMAE
+from .autoencoder import FCMAE
 from .masking import check_mask_ratio
 from .models import get_model_entry, list_models
 

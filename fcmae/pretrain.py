@@ -12,11 +12,12 @@ from . import create_fcmae, distributed
 from .data import build_pretrain_dataset
 from .engine import RunInfo, ScheduleConfig, check_device, fit, make_scaler, prepare_output, setup_run
 from .loader import make_train_loader
-from .logger import RunLogger, reconstruction_grid
+from .logger import RunLogger
 from .masking import check_pretraining_masks
 from .models.internimage import dcn_options
 from .models.layers import enable_grad_checkpointing
 from .optim import param_groups
+from .reconstruction import reconstruction_grid
 
 # Official FCMAE recipe (ConvNeXt-V2 pretraining) and the short built-in demo run.
 OFFICIAL_RECIPE = dict(epochs=800, batch_size=64, blr=1.5e-4, warmup_epochs=40)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.fcmae import patchify, unpatchify
+from fcmae.autoencoder import patchify, unpatchify
 from fcmae.masking import random_masks
 
 from .helpers import assert_no_leakage, randomize_
