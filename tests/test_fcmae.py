@@ -106,3 +106,13 @@ def test_bf16_autocast_training_step_matches_fp32(name):
     loss.backward()
     assert abs(loss.item() - reference.item()) < 0.02 * reference.item()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_drop_path_rates_rise_linearly_over_all_blocks():
+    from fcmae.models.layers import drop_path_rates
+    rates = drop_path_rates([2, 3], 0.4)
+    assert [[round(rate, 6) for rate in stage] for stage in rates] == [[0.0, 0.1], [0.2, 0.3, 0.4]]
+    model = fcmae.create_model("convnextv2_atto", drop_path_rate=0.3)   # depths 2, 2, 6, 2
+    last = model.stages[-1][-1].drop_path
+    first = model.stages[0][0].drop_path
+    assert getattr(first, "drop_prob", 0.0) == 0.0 and abs(last.drop_prob - 0.3) < 1e-9

@@ -16,7 +16,15 @@ import sparse_ops
 import sparse_ops.nn as snn
 
 from ..masking import keep_maps
-from .layers import GRN, BlockSequence, GradCheckpointing, LayerNorm2d, apply_keep, trunc_normal_init
+from .layers import (
+    GRN,
+    BlockSequence,
+    GradCheckpointing,
+    LayerNorm2d,
+    apply_keep,
+    drop_path_rates,
+    trunc_normal_init,
+)
 from .registry import register_model
 
 # name: (depths, dims)
@@ -32,13 +40,6 @@ CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 STEM_STRIDE = 4
-
-
-def _drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> list[list[float]]:
-    total = sum(depths)
-    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear 0 → rate
-    starts = [sum(depths[:i]) for i in range(len(depths))]
-    return [rates[start:start + depth] for start, depth in zip(starts, depths)]
 
 
 def _make_stem(in_chans: int, dim: int) -> nn.Sequential:
@@ -95,7 +96,7 @@ class ConvNeXtV2(GradCheckpointing, nn.Module):
                 nn.Conv2d(dims[i - 1], dims[i], kernel_size=2, stride=2)))
         self.stages = nn.ModuleList(
             BlockSequence(*[Block(dim, rate, kernel_size) for rate in rates])          # all see one keep mask
-            for dim, rates in zip(dims, _drop_path_rates(depths, drop_path_rate)))
+            for dim, rates in zip(dims, drop_path_rates(depths, drop_path_rate)))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(trunc_normal_init)
@@ -190,7 +191,7 @@ class SparseConvNeXtV2(GradCheckpointing, nn.Module):
                 snn.LayerNorm(dims[i - 1], eps=1e-6), snn.Conv2d(dims[i - 1], dims[i], 2, 2)))
         self.stages = nn.ModuleList(
             BlockSequence(*[SparseBlock(dim, rate, kernel_size, grn_batch_stats) for rate in rates])
-            for dim, rates in zip(dims, _drop_path_rates(depths, drop_path_rate)))
+            for dim, rates in zip(dims, drop_path_rates(depths, drop_path_rate)))
         self.apply(trunc_normal_init)
 
     def forward(self, imgs: Tensor, mask: Tensor) -> Tensor:

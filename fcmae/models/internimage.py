@@ -33,7 +33,7 @@ from sparse_ops import ActiveSites
 
 from ..masking import keep_maps
 from .dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, check_impl, dcnv3_sample
-from .layers import GradCheckpointing, apply_keep, run_block, trunc_normal_init
+from .layers import GradCheckpointing, apply_keep, drop_path_rates, run_block, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
 _H_EXTRAS = dict(dw_kernel_size=5, res_post_norm=True, center_feature_scale=True,
@@ -323,13 +323,12 @@ class InternImage(GradCheckpointing, nn.Module):
         self.num_features = channels * 2 ** (len(depths) - 1)
         self.patch_size = STEM_STRIDE * 2 ** (len(depths) - 1)
         self.patch_embed = StemEmbed(in_chans, channels)
-        total = sum(depths)
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates = drop_path_rates(depths, drop_path_rate)
         block_options = dict(layer_scale=layer_scale, post_norm=post_norm, offset_scale=offset_scale,
                              dw_kernel_size=dw_kernel_size, res_post_norm=res_post_norm,
                              center_feature_scale=center_feature_scale, dcn_impl=dcn_impl)
         self.levels = nn.ModuleList(
-            Level(channels * 2 ** i, groups[i], rates[sum(depths[:i]):sum(depths[:i + 1])],
+            Level(channels * 2 ** i, groups[i], rates[i],
                   downsample=i < len(depths) - 1, post_norm_ids=level2_post_norm_ids if i == 2 else (),
                   **block_options)
             for i in range(len(depths)))

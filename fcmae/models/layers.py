@@ -2,6 +2,7 @@
 FCMAE decoder, and gradient checkpointing shared by every architecture."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,6 +43,15 @@ class GRN(nn.Module):
         norms = torch.linalg.vector_norm(apply_keep(x, keep), dim=(1, 2), keepdim=True)   # (B, 1, 1, C)
         scale = norms / (norms.mean(dim=-1, keepdim=True) + self.eps)
         return torch.addcmul(self.beta + x, self.gamma, x * scale)
+
+
+def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> list[list[float]]:
+    """Stochastic-depth rate of every block, rising linearly from 0 (first block of the network)
+    to ``drop_path_rate`` (last block), grouped per stage: one list of ``depths[i]`` rates each."""
+    total = sum(depths)
+    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [rates[start:start + depth] for start, depth in zip(starts, depths)]
 
 
 def trunc_normal_init(module: nn.Module, types: tuple[type, ...] = (nn.Conv2d, nn.Linear)) -> None:

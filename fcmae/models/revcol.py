@@ -23,7 +23,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ..masking import keep_maps
-from .layers import BlockSequence, LayerNorm2d, apply_keep, trunc_normal_init
+from .layers import BlockSequence, LayerNorm2d, apply_keep, drop_path_rates, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
 # name: (channels, blocks per level, columns)
@@ -286,8 +286,7 @@ class RevCol(nn.Module):
         self.patch_size = STEM_STRIDE * 2 ** 3
         self.stem = nn.Sequential(nn.Conv2d(in_chans, channels[0], STEM_STRIDE, stride=STEM_STRIDE),
                                   LayerNorm2d(channels[0], eps=1e-6))
-        total = sum(layers)
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates = [rate for level in drop_path_rates(layers, drop_path_rate) for rate in level]   # flat, by block
         for k in range(num_subnet):
             setattr(self, f"subnet{k}", SubNet(channels, layers, k == 0, rates, kernel_size))
         self.inter_supv = inter_supv and num_classes > 0
