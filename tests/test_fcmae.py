@@ -116,3 +116,16 @@ def test_drop_path_rates_rise_linearly_over_all_blocks():
     last = model.stages[-1][-1].drop_path
     first = model.stages[0][0].drop_path
     assert getattr(first, "drop_prob", 0.0) == 0.0 and abs(last.drop_prob - 0.3) < 1e-9
+
+
+@pytest.mark.parametrize("name,head", [("convnextv2_atto", "head"), ("internimage_t", "head"),
+                                       ("revcol_t", "cls.classifier.1")])
+def test_head_init_scale_shrinks_only_the_classifier(name, head):
+    models = []
+    for scale in (1.0, 0.001):
+        torch.manual_seed(0)
+        models.append(fcmae.create_model(name, num_classes=5, head_init_scale=scale).state_dict())
+    full, small = models
+    for key in full:
+        expected = full[key] * 0.001 if key.startswith(head + ".") else full[key]
+        torch.testing.assert_close(small[key], expected, msg=key)

@@ -23,6 +23,7 @@ from .layers import (
     LayerNorm2d,
     apply_keep,
     drop_path_rates,
+    scale_head_init,
     trunc_normal_init,
 )
 from .registry import register_model
@@ -100,9 +101,7 @@ class ConvNeXtV2(GradCheckpointing, nn.Module):
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(trunc_normal_init)
-        if num_classes > 0:
-            self.head.weight.data.mul_(head_init_scale)
-            self.head.bias.data.mul_(head_init_scale)
+        scale_head_init([self.head] if num_classes > 0 else [], head_init_scale)
 
     def num_layers(self, decay_type: str = "single") -> int:
         """Depth used by layer-wise lr decay: one id per block ('single') or 12 groups ('group')."""

@@ -33,7 +33,7 @@ from sparse_ops import ActiveSites
 
 from ..masking import keep_maps
 from .dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, check_impl, dcnv3_sample
-from .layers import GradCheckpointing, apply_keep, drop_path_rates, run_block, trunc_normal_init
+from .layers import GradCheckpointing, apply_keep, drop_path_rates, run_block, scale_head_init, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
 _H_EXTRAS = dict(dw_kernel_size=5, res_post_norm=True, center_feature_scale=True,
@@ -344,9 +344,7 @@ class InternImage(GradCheckpointing, nn.Module):
         for module in self.modules():
             if isinstance(module, DCNv3):
                 module.reset_parameters()
-        if num_classes > 0:
-            self.head.weight.data.mul_(head_init_scale)
-            self.head.bias.data.mul_(head_init_scale)
+        scale_head_init([self.head] if num_classes > 0 else [], head_init_scale)
 
     def _build_clip_head(self, num_classes: int, embed_dim: int = 1024, clip_dim: int = 768,
                          heads: int = 16) -> None:

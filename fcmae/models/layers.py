@@ -54,6 +54,15 @@ def drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> list[list[f
     return [rates[start:start + depth] for start, depth in zip(starts, depths)]
 
 
+@torch.no_grad()
+def scale_head_init(heads: Sequence[nn.Linear], scale: float) -> None:
+    """Multiply freshly initialised classifier weights and biases by ``scale`` (the official
+    ``head_init_scale``: a small head keeps early fine-tuning close to the pretrained features)."""
+    for head in heads:
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+
+
 def trunc_normal_init(module: nn.Module, types: tuple[type, ...] = (nn.Conv2d, nn.Linear)) -> None:
     """The init every architecture here uses: weights trunc_normal(std .02), biases zero.
     Use as ``model.apply(trunc_normal_init)``."""

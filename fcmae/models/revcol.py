@@ -23,7 +23,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ..masking import keep_maps
-from .layers import BlockSequence, LayerNorm2d, apply_keep, drop_path_rates, trunc_normal_init
+from .layers import BlockSequence, LayerNorm2d, apply_keep, drop_path_rates, scale_head_init, trunc_normal_init
 from .registry import masked_dense_encoder, register_model
 
 # name: (channels, blocks per level, columns)
@@ -300,9 +300,7 @@ class RevCol(nn.Module):
             self.cls = Classifier(channels[-1], num_classes)
             heads = [self.cls.classifier[1]]
         self.apply(trunc_normal_init)
-        for head in heads if num_classes > 0 else []:
-            head.weight.data.mul_(head_init_scale)
-            head.bias.data.mul_(head_init_scale)
+        scale_head_init(heads if num_classes > 0 else [], head_init_scale)
 
     def _keeps(self, x: Tensor, mask: Tensor | None) -> Masks:
         if mask is None:
