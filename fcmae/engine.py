@@ -37,8 +37,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class ScheduleConfig:
-    """Learning-rate schedule and step settings shared by pretraining and fine-tuning."""
+class TrainingConfig:
+    """How the engine trains, shared by pretraining and fine-tuning: the learning-rate schedule
+    (lr, min_lr, warmup, epochs) and each step (accumulation, clipping, autocast dtype)."""
 
     lr: float
     min_lr: float
@@ -105,7 +106,7 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 
 def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, loss_fn: LossFn, config: ScheduleConfig,
+                    scaler: torch.amp.GradScaler, loss_fn: LossFn, config: TrainingConfig,
                     epoch: int, step: int, device: torch.device, logger: RunLogger,
                     step_hook: StepHook | None = None) -> tuple[dict[str, float], int]:
     """Train ``epoch`` on ``len(batches) // accum_iter`` optimizer steps taken from ``batches``
@@ -191,7 +192,7 @@ class RunInfo:
 
 
 def fit(model: nn.Module, train_model: nn.Module, loader, optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler, loss_fn: LossFn, config: ScheduleConfig, run: RunInfo,
+        scaler: torch.amp.GradScaler, loss_fn: LossFn, config: TrainingConfig, run: RunInfo,
         start_epoch: int, step: int, device: torch.device, logger: RunLogger,
         step_hook: StepHook | None = None,
         end_of_epoch: Callable[[int], dict[str, float]] | None = None,

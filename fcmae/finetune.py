@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import create_model, distributed
 from .convert import ENCODER_PREFIX, convert_state
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, labeled_images
-from .engine import AMP_DTYPES, RunInfo, ScheduleConfig, fit, make_scaler, move_to, prepare_output, setup_run
+from .engine import AMP_DTYPES, RunInfo, TrainingConfig, fit, make_scaler, move_to, prepare_output, setup_run
 from .loader import make_train_loader
 from .logger import RunLogger
 from .models.internimage import dcn_options
@@ -197,7 +197,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
 
     results: dict[str, float] = {}
 
-    def validate(epoch: int) -> dict[str, float]:
+    def evaluate_epoch(epoch: int) -> dict[str, float]:
         results.clear()
         results.update(evaluate(model, val_loader, device, args.amp))
         if ema is not None:
@@ -212,13 +212,13 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
         print(f"fcmae-finetune ({mode}): {args.model}, {num_classes} classes, {len(train_set)} train / "
               f"{len(val_set)} val images, eff. batch {eff_batch}, lr {args.lr:.3g}, "
               f"weights {args.finetune or 'random init'}")
-    config = ScheduleConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+    config = TrainingConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                             epochs=args.epochs, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
                             amp=args.amp)
     run = RunInfo(args.model, args, output_dir, args.save_every)
     try:
         fit(model, train_model, loader, optimizer, scaler, classification_loss, config, run,
-            start_epoch, step, device, logger, update_ema, validate,
+            start_epoch, step, device, logger, update_ema, evaluate_epoch,
             (lambda: {"model_ema": ema.state_dict()}) if ema else None)
     finally:
         logger.close()

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
 from .data import build_pretrain_dataset
-from .engine import RunInfo, ScheduleConfig, check_device, fit, make_scaler, prepare_output, setup_run
+from .engine import RunInfo, TrainingConfig, check_device, fit, make_scaler, prepare_output, setup_run
 from .loader import make_train_loader
 from .logger import RunLogger
 from .masking import check_pretraining_masks
@@ -33,7 +33,7 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def validate(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
     check_pretraining_masks(args.input_size, 32, args.mask_ratio)
     dcn_options(args.model, args.dcn_impl, check_device(args.device).type)   # refuses a bad --dcn-impl early
     if args.init and not Path(args.init).is_file():
@@ -46,7 +46,7 @@ def validate(args: argparse.Namespace) -> None:
 def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     """Pretrain as ``args`` says; returns (path of the last checkpoint, the trained FCMAE)."""
     resolve_recipe(args)
-    validate(args)
+    check_args(args)
     rank, world_size, device = setup_run(args)
     main = distributed.is_main_process()
     output_dir = Path(args.output_dir)
@@ -98,7 +98,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
               f"({'built-in demo photos' if args.data_path is None else args.data_path}), "
               f"{world_size} process(es) on {device}, backend {args.backend}, "
               f"eff. batch {eff_batch}, lr {args.lr:.3g}, {args.epochs} epochs")
-    config = ScheduleConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
+    config = TrainingConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
                             epochs=args.epochs, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
                             amp=args.amp)
 

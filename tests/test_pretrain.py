@@ -63,7 +63,7 @@ def test_end_to_end_on_folder_with_corrupt_and_gray_images(image_folder, tmp_pat
 
 def test_loss_decreases_on_a_fixed_batch():
     from fcmae import create_fcmae
-    from fcmae.engine import ScheduleConfig, make_scaler, train_one_epoch
+    from fcmae.engine import TrainingConfig, make_scaler, train_one_epoch
     from fcmae.logger import RunLogger
     from fcmae.masking import random_masks
     from fcmae.optim import param_groups
@@ -72,7 +72,7 @@ def test_loss_decreases_on_a_fixed_batch():
     imgs = torch.randn(4, 3, 64, 64)
     mask = random_masks(4, 4, 0.5)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=3e-3, betas=(0.9, 0.95))
-    config = ScheduleConfig(lr=3e-3, min_lr=3e-3, warmup_epochs=0, epochs=1)
+    config = TrainingConfig(lr=3e-3, min_lr=3e-3, warmup_epochs=0, epochs=1)
     losses = []
 
     def fixed_mask_loss(net, batch):

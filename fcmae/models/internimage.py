@@ -15,9 +15,8 @@ offset/modulation heads, MLPs and norms run on visible sites only, and the spati
 zero map. ``packed_masked=False`` computes every site and re-masks (:class:`DenseGrid`);
 both give the same numbers.
 
-``dcn_impl`` picks the DCNv3 sampling implementation (``grid_sample``, the memory-lean
-``gather`` or the fused CUDA ``triton`` kernels, see :mod:`fcmae.models.dcnv3_ops`); all
-give the same numbers.
+``dcn_impl`` picks the DCNv3 sampling implementation (``grid_sample``, or the fused CUDA
+``triton`` kernels, see :mod:`fcmae.models.dcnv3_ops`); both give the same numbers.
 """
 from __future__ import annotations
 
