@@ -182,14 +182,20 @@ class ShardImages(IterableDataset):
 
     def _shuffled_passes(self, urls: Sequence[str], rng: random.Random) -> Iterator[dict]:
         """Passes over the samples of ``urls``, each shuffled through a buffer and drained at its
-        end (no sample twice in a pass); a new pass starts when the epoch's quota needs more."""
+        end (no sample twice in a pass); a new pass starts when the epoch's quota needs more.
+
+        The buffer starts yielding once it holds ``shuffle_buffer // 10`` samples and keeps
+        growing (two read per one yielded) up to ``shuffle_buffer``, so an epoch's first sample
+        does not wait for a full buffer."""
+        start_after = max(1, self.shuffle_buffer // 10)
         while True:
             buffer: list[dict] = []
             read = 0
             for sample in self._samples(urls):
                 read += 1
                 buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
+                growing = len(buffer) < self.shuffle_buffer and read % 2
+                if len(buffer) >= start_after and not growing:
                     yield buffer.pop(rng.randrange(len(buffer)))
             if read == 0:
                 raise DataError(f"shards {urls[0]} … hold no readable image")
