@@ -31,10 +31,10 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 STEPS=(
   "tests|90|$PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_dcnv3_triton.py -k cuda"
   "pretrain|100|pretrain_end_to_end"
-  "speed|150|$PY tools/benchmark.py --model convnextv2_base --batch-size 128 --device cuda --dtype bf16 --compile --json $WORK/speed.json"
-  "dcnv3|70|$PY tools/dcnv3_bench.py --device cuda --dtype bf16 --batch-size 64 && $PY tools/benchmark.py --model internimage_t --batch-size 64 --device cuda --dtype bf16 --json $WORK/dcnv3.json"
+  "speed|140|$PY tools/benchmark.py --model convnextv2_base --batch-size 128 --device cuda --dtype bf16 --compile --json $WORK/speed.json"
+  "dcnv3|60|$PY tools/dcnv3_bench.py --device cuda --dtype bf16 --batch-size 64 && $PY tools/benchmark.py --model internimage_t --batch-size 64 --device cuda --dtype bf16 --json $WORK/dcnv3.json"
   "revcol|30|$PY tools/revcol_memory.py --device cuda --batch-size 8"
-  "loader|40|$PY tools/loader_bench.py --workers 4,8,16 --batch-size 128 --num-images 1024 --device cuda --amp bf16 --json $WORK/loader.json"
+  "loader|60|$PY tools/loader_bench.py --workers 4,8 --batch-size 64 --num-images 2048 --device cuda --amp bf16 --json $WORK/loader.json"
 )
 
 # fcmae-pretrain on CUDA (bf16, compiled) on synthetic images, resumed once, then converted with --verify.
