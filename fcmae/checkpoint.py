@@ -280,12 +280,25 @@ def find_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | Non
     return Path(resume)
 
 
+def training_checkpoint(weights: dict[str, Any], optimizer: torch.optim.Optimizer, scaler, epoch: int,
+                        step: int, args: argparse.Namespace, model_name: str, rng: list[dict[str, Any]]) -> dict:
+    """The checkpoint of a training run (format :data:`FORMAT`): ``weights`` (``model`` and e.g.
+    ``model_ema``), optimizer, scaler, epoch, step, args (paths as text), model name and one RNG
+    state per rank — what :func:`resume_training` reads back."""
+    return {**weights, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "step": step, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "model_name": model_name, "rng": rng, "format": FORMAT}
+
+
 def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler, model_name: str,
                     rank: int, world_size: int,
                     extra_modules: dict[str, Any] | None = None) -> tuple[int, int]:
     """Restore model, optimizer, scaler, RNG (and e.g. ``{'model_ema': ema}``) to continue
     exactly; returns (next epoch, global step)."""
     checkpoint = load_checkpoint(path)
+    if checkpoint.get("format", FORMAT) != FORMAT:   # official checkpoints carry no format entry
+        raise CheckpointError(f"{str(path)!r} is in checkpoint format {checkpoint['format']!r}; this version of "
+                              f"fcmae resumes {FORMAT!r} only")
     state = state_dict_of(checkpoint)
     check_compatible(model.state_dict(), state, model_name, checkpoint.get("model_name"), path)
     model.load_state_dict(state)

@@ -224,10 +224,8 @@ def fit(model: nn.Module, train_model: nn.Module, loader, optimizer: torch.optim
                     f"{broken} is not finite after epoch {epoch}, step {step}; not saved — {last} "
                     f"still holds the last good state; lower --lr/--blr or use --clip-grad")
             if distributed.is_main_process():
-                state = {**weights, "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()},
-                         "model_name": run.model_name, "rng": rng, "format": ckpt.FORMAT}
+                state = ckpt.training_checkpoint(weights, optimizer, scaler, epoch, step, run.args,
+                                                 run.model_name, rng)
                 ckpt.atomic_save(state, last)
                 if run.save_every and (epoch + 1) % run.save_every == 0:
                     ckpt.atomic_save(state, run.output_dir / f"checkpoint-{epoch}.pth")

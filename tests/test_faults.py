@@ -200,3 +200,12 @@ def test_sigkill_at_random_points_never_breaks_the_checkpoint(tmp_path):
     from fcmae.checkpoint import remove_stale_temp_files
     remove_stale_temp_files(tmp_path)
     assert hidden_files(tmp_path) == []
+
+
+def test_resume_refuses_another_checkpoint_format(first_epoch, capsys):
+    out, _ = first_epoch
+    checkpoint = load_checkpoint(out / "checkpoint-last.pth")
+    torch.save({**checkpoint, "format": "fcmae-checkpoint-v99"}, out / "checkpoint-last.pth")
+    assert run_cli(QUICK + ["--epochs", "2", "--output-dir", out, "--resume", "auto"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "'fcmae-checkpoint-v99'" in err[0] and "resumes 'fcmae-checkpoint-v1' only" in err[0]
