@@ -193,21 +193,26 @@ class ImageFiles(Dataset):
         raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
 
 
+def class_labels(root: Path, files: Sequence[Path]) -> tuple[list[Path], list[int], list[str]]:
+    """The ImageFolder layout (``root/<class>/**/<image>``) of ``files`` found under ``root``:
+    (the files inside a class folder, the class index of each, the sorted class names)."""
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    index = {name: label for label, name in enumerate(classes)}
+    inside = [path for path in files if len(path.relative_to(root).parts) > 1]
+    return inside, [index[path.relative_to(root).parts[0]] for path in inside], classes
+
+
 def labeled_images(root: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor],
                    seed: int = 0, cache: str | os.PathLike | None = None) -> ImageFiles:
     """An ImageFolder tree (``root/<class>/**/<image>``) as a labeled :class:`ImageFiles`;
     classes are the sorted sub-folder names (``cache``: as for :func:`find_images`)."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data path {str(root)!r} is not a directory")
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    files, labels, classes = class_labels(root, find_images(root, cache))
     if not classes:
         raise DataError(f"no class folders under {str(root)!r} (expected {root}/<class>/<image>)")
-    files = [path for path in find_images(root, cache) if path.relative_to(root).parts[0] in classes]
     if not files:
         raise DataError(f"no images in class folders under {str(root)!r} (expected {root}/<class>/<image>)")
-    index = {name: label for label, name in enumerate(classes)}
-    return ImageFiles(files, transform, [index[path.relative_to(root).parts[0]] for path in files], classes, seed=seed)
+    return ImageFiles(files, transform, labels, classes, seed=seed)
 
 
 def build_pretrain_dataset(data_path: str | None, input_size: int, seed: int = 0, batch_size: int = 1,

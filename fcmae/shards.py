@@ -24,6 +24,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+from tqdm import tqdm
 
 from . import distributed
 from .data import IMAGE_EXTENSIONS, DataError, load_rgb, seed_sample_rngs
@@ -231,21 +232,23 @@ class ShardImages(IterableDataset):
 
 def write_shards(source: str | os.PathLike, destination: str | os.PathLike, prefix: str = "shard",
                  max_count: int = 10_000, max_size: float = 1e9, labeled: bool | None = None,
-                 progress: Callable[[int], None] | None = None) -> dict:
+                 progress: tqdm | None = None) -> dict:
     """Pack the images of ``source`` into ``destination/PREFIX-000000.tar`` … with their original
     bytes (no re-encoding), plus ``shards.json``. An ImageFolder tree (sub-folders only) keeps
     its labels as ``cls`` (``labeled=None``: decide by the layout). Each shard is written under
-    a temporary name and renamed when complete. Returns the summary also stored in ``shards.json``."""
+    a temporary name and renamed when complete. ``progress`` (a tqdm bar) gets the image count
+    and advances per image. Returns the summary also stored in ``shards.json``."""
     from .checkpoint import atomic_write
-    from .data import find_images
+    from .data import class_labels, find_images
     source, destination = Path(source), Path(destination)
     files = find_images(source)
-    classes = sorted(entry.name for entry in source.iterdir() if entry.is_dir())
+    in_classes, labels, classes = class_labels(source, files)
     if labeled is None:
-        labeled = bool(classes) and all(len(path.relative_to(source).parts) > 1 for path in files)
+        labeled = bool(classes) and len(in_classes) == len(files)
     if labeled:
-        files = [path for path in files if len(path.relative_to(source).parts) > 1]
-    label_of = {name: index for index, name in enumerate(classes)}
+        files = in_classes
+    if progress is not None:
+        progress.reset(total=len(files))
     destination.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
     handles: dict[str, object] = {}
@@ -279,10 +282,10 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
             sample = {"__key__": f"{index:09d}", path.suffix.lower().lstrip("."): data,
                       "path": str(path.relative_to(source))}
             if labeled:
-                sample["cls"] = str(label_of[path.relative_to(source).parts[0]])
+                sample["cls"] = str(labels[index])
             writer.write(sample)
             if progress is not None:
-                progress(1)
+                progress.update()
     finally:
         writer.close()
         for name in list(handles):            # an interrupted shard: never published

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data import DataError, find_images
+from ..data import DataError
 from ..shards import SHARD_INDEX, write_shards
 from . import POSITIVE, POSITIVE_INT, run_or_exit
 
@@ -33,10 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.force and destination.is_dir() and (
             (destination / SHARD_INDEX).exists() or any(destination.glob(f"{args.prefix}-*.tar"))):
         raise FileExistsError(f"{destination} already holds shards; pass --force or choose another folder")
-    total = len(find_images(args.source))
-    with tqdm(total=total, desc="packing", unit="img") as bar:
+    with tqdm(desc="packing", unit="img") as bar:
         summary = write_shards(args.source, destination, args.prefix, args.max_count, args.max_size,
-                               labeled=False if args.no_labels else None, progress=bar.update)
+                               labeled=False if args.no_labels else None, progress=bar)
     for problem in summary["skipped"]:
         print(f"skipped unreadable file {problem}", file=sys.stderr)
     labels = f", {len(summary['classes'])} classes" if summary["classes"] else ", unlabeled"
