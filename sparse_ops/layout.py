@@ -12,7 +12,8 @@ import math
 from torch import Tensor
 
 
-def _side(kernel_volume: int) -> int:
+def kernel_side(kernel_volume: int) -> int:
+    """k of a k×k kernel with ``kernel_volume`` = k·k rows (a ValueError if not square)."""
     side = math.isqrt(kernel_volume)
     if side * side != kernel_volume:
         raise ValueError(f"kernel volume {kernel_volume} is not a square k*k")
@@ -21,7 +22,7 @@ def _side(kernel_volume: int) -> int:
 
 def depthwise_kernel_to_weight(kernel: Tensor) -> Tensor:
     """(k·k, C) sparse depthwise kernel → (C, 1, k, k) ``Conv2d(groups=C)`` weight."""
-    side = _side(kernel.shape[0])
+    side = kernel_side(kernel.shape[0])
     return kernel.t().reshape(kernel.shape[1], 1, side, side).transpose(2, 3)
 
 
@@ -33,7 +34,7 @@ def depthwise_weight_to_kernel(weight: Tensor) -> Tensor:
 
 def conv_kernel_to_weight(kernel: Tensor) -> Tensor:
     """(k·k, C_in, C_out) sparse kernel → (C_out, C_in, k, k) ``Conv2d`` weight."""
-    side = _side(kernel.shape[0])
+    side = kernel_side(kernel.shape[0])
     return kernel.permute(2, 1, 0).reshape(kernel.shape[2], kernel.shape[1], side, side).transpose(2, 3)
 
 

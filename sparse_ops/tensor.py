@@ -15,6 +15,13 @@ import torch
 from torch import Tensor
 
 
+def flat_site_index(batch: Tensor, y: Tensor, x: Tensor, spatial_shape: tuple[int, int]) -> Tensor:
+    """Position of the sites ``(batch, y, x)`` (equal-shape int tensors) in the flattened
+    (B·H·W) grid of ``spatial_shape`` (H, W): ``(batch·H + y)·W + x``, raster order."""
+    height, width = spatial_shape
+    return (batch * height + y) * width + x
+
+
 class ActiveSites:
     """The active sites of a batch of ``batch_size`` grids of shape ``spatial_shape``.
 
@@ -58,9 +65,7 @@ class ActiveSites:
     @cached_property
     def flat_index(self) -> Tensor:
         """(N,) position of each site in the flattened (B·H·W) grid; strictly increasing."""
-        height, width = self.spatial_shape
-        b, y, x = self.coords.unbind(1)
-        return (b * height + y) * width + x
+        return flat_site_index(*self.coords.unbind(1), self.spatial_shape)
 
     @cached_property
     def counts(self) -> Tensor:
@@ -82,6 +87,40 @@ class ActiveSites:
         """(N,) index of each site among the sites of its own image."""
         offsets = torch.cumsum(self.counts, 0) - self.counts
         return torch.arange(len(self), device=self.device) - offsets[self.batch_index]
+
+    def downsample(self, stride: int) -> tuple[ActiveSites, Tensor]:
+        """The sites of the stride-``stride`` grid with at least one active child (raster order),
+        and per coarse site the row of each of its ``stride²`` children here (``len(self)`` for a
+        missing child), children in kernel-row order ``r = dx * stride + dy``
+        (:mod:`sparse_ops.layout`). Returns (coarse sites, children (N_coarse, stride²)); cached."""
+        key = ("downsample", stride)
+        if key not in self.cache:
+            self.cache[key] = self._downsample(stride)
+        return self.cache[key]
+
+    def _downsample(self, stride: int) -> tuple[ActiveSites, Tensor]:
+        height, width = self.spatial_shape
+        coarse_shape = (-(-height // stride), -(-width // stride))
+        batch, y, x = self.coords.unbind(1)
+        parents = torch.unique(flat_site_index(batch, y // stride, x // stride, coarse_shape))  # sorted = raster
+        coarse_b = parents // (coarse_shape[0] * coarse_shape[1])
+        coarse_y = (parents // coarse_shape[1]) % coarse_shape[0]
+        coarse_x = parents % coarse_shape[1]
+        coarse = ActiveSites(torch.stack([coarse_b, coarse_y, coarse_x], 1), coarse_shape, self.batch_size,
+                             self.stride * stride)
+
+        missing = len(self)
+        row_of = torch.full((self.batch_size * height * width,), missing, dtype=torch.long, device=self.device)
+        row_of[self.flat_index] = torch.arange(len(self), device=self.device)
+        offsets = torch.arange(stride, device=self.device)
+        dx, dy = torch.meshgrid(offsets, offsets, indexing="ij")                    # r = dx * s + dy
+        child_y = coarse_y[:, None] * stride + dy.reshape(1, -1)
+        child_x = coarse_x[:, None] * stride + dx.reshape(1, -1)
+        inside = (child_y < height) & (child_x < width)
+        flat = flat_site_index(coarse_b[:, None], child_y.clamp(max=height - 1), child_x.clamp(max=width - 1),
+                               self.spatial_shape)
+        children = torch.where(inside, row_of[flat], torch.full_like(flat, missing))
+        return coarse, children
 
     def active_mask(self) -> Tensor:
         """(B, H, W) bool, true at active sites."""

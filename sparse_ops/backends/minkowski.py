@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..tensor import ActiveSites, SparseImage
+from ..layout import kernel_side
+from ..tensor import ActiveSites, SparseImage, flat_site_index
 from . import Backend
 
 
@@ -72,7 +73,7 @@ class MinkowskiBackend(Backend):
             del layer.kernel
 
     def depthwise_conv2d(self, x: SparseImage, kernel: Tensor, bias: Tensor | None) -> SparseImage:
-        side = int(round(kernel.shape[0] ** 0.5))
+        side = kernel_side(kernel.shape[0])
         layer = self._layer("depthwise", kernel.shape[1], kernel.shape[1], side, 1)
         out = self._run(layer, x, kernel)
         _, _, me_rows = _coordinate_map(x.sites)
@@ -81,13 +82,11 @@ class MinkowskiBackend(Backend):
 
     def strided_conv2d(self, x: SparseImage, kernel: Tensor, bias: Tensor | None,
                        stride: int) -> SparseImage:
-        from .torch_backend import coarse_sites
         layer = self._layer("conv", kernel.shape[1], kernel.shape[2], stride, stride)
         out = self._run(layer, x, kernel)
-        out_sites = coarse_sites(x.sites, stride)
-        coords = out.C.long()                                                # (N_out, 3), stride units
-        height, width = out_sites.spatial_shape
-        flat = (coords[:, 0] * height + coords[:, 1] // stride) * width + coords[:, 2] // stride
+        out_sites, _ = x.sites.downsample(stride)
+        image, row, column = out.C.long().unbind(1)           # (N_out,) each, in cells of the input grid
+        flat = flat_site_index(image, row // stride, column // stride, out_sites.spatial_shape)
         rows = torch.searchsorted(out_sites.flat_index, flat)                # ME row -> our row
         features = torch.empty_like(out.F).index_copy(0, rows, out.F)
         return SparseImage(features if bias is None else features + bias, out_sites, x.backend)
@@ -102,9 +101,7 @@ def _coordinate_map(sites: ActiveSites):
         if sites.device.type != "cpu":
             coords = coords.to(sites.device)
         tensor = ME.SparseTensor(torch.zeros(len(sites), 1, device=sites.device), coordinates=coords)
-        me_coords = tensor.C.long()
-        height, width = sites.spatial_shape
-        flat = (me_coords[:, 0] * height + me_coords[:, 1]) * width + me_coords[:, 2]
+        flat = flat_site_index(*tensor.C.long().unbind(1), sites.spatial_shape)
         me_rows = torch.searchsorted(sites.flat_index, flat)
         cached = (tensor.coordinate_manager, tensor.coordinate_map_key, me_rows)
         sites.cache["minkowski"] = cached
