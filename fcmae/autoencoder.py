@@ -43,6 +43,11 @@ class FCMAE(nn.Module):
             module.apply(trunc_normal_init)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """The mask token, the decoder's GRN parameters and what the encoder exempts."""
+        return ({"mask_token"} | {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+                | {name for name, _ in self.named_parameters() if name.startswith("decoder.") and ".grn." in name})
+
     def forward_decoder(self, latent: Tensor, mask: Tensor) -> Tensor:
         """latent (B, C, h, w), mask (B, L) → pred (B, L, p·p·3)."""
         x = self.proj(latent)                                            # (B, D, h, w)

@@ -7,10 +7,10 @@ A checkpoint is a dict with the official FCMAE fields ``model``, ``optimizer``, 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +23,8 @@ from torch import nn
 FORMAT = "fcmae-checkpoint-v1"
 LAST = "checkpoint-last.pth"
 TEMP_SUFFIX = ".fcmae-tmp"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -313,6 +315,6 @@ def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler
     if rng and len(rng) == world_size:
         restore_rng_state(rng[rank])
     elif rng:
-        print(f"warning: checkpoint has RNG states for {len(rng)} processes, this run has "
-              f"{world_size}; continuing with fresh random streams", file=sys.stderr)
+        log.warning(f"checkpoint has RNG states for {len(rng)} processes, this run has "
+                    f"{world_size}; continuing with fresh random streams")
     return int(checkpoint.get("epoch", -1)) + 1, int(checkpoint.get("step", 0))

@@ -1,89 +1,18 @@
-"""Checkpoint layouts: sparse FCMAE encoder (official MinkowskiEngine layout) → dense
-ConvNeXt V2 (official layout) → timm layout. The key maps live here and nowhere else."""
+"""Conversion of FCMAE pretraining weights into dense layouts: our dense model (the official
+layout) and timm's. Each family's key maps live beside its model (its ``checkpoint_filter_fn``
+and ``timm_filter_fn``); this module only applies them."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from sparse_ops.layout import conv_kernel_to_weight, depthwise_kernel_to_weight
-
 from .checkpoint import CheckpointError, atomic_folder, atomic_save, save_safetensors
+from .models import get_model_entry
 
 ENCODER_PREFIX = "encoder."
-
-
-def sparse_to_dense_state_dict(sparse: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official conversion rules. ``sparse`` holds FCMAE keys (with or without ``encoder.``);
-    decoder keys (``proj``, ``mask_token``, ``decoder``, ``pred``) are dropped.
-
-    * ``*.kernel`` (k·k, C) → depthwise ``weight`` (C, 1, k, k);
-      (k·k, C_in, C_out) → ``weight`` (C_out, C_in, k, k)
-    * ``.ln.`` / ``.linear.`` path components are dropped
-    * biases (1, C) → (C,); ``grn.gamma``/``grn.beta`` (1, C) → (1, 1, 1, C)
-    """
-    dense: dict[str, Tensor] = {}
-    has_prefix = any(key.startswith(ENCODER_PREFIX) for key in sparse)
-    for key, value in sparse.items():
-        if has_prefix:
-            if not key.startswith(ENCODER_PREFIX):
-                continue
-            key = key[len(ENCODER_PREFIX):]
-        key = key.replace(".ln.", ".").replace(".linear.", ".")
-        if key.endswith(".kernel"):
-            key = key[: -len("kernel")] + "weight"
-            value = depthwise_kernel_to_weight(value) if value.ndim == 2 else conv_kernel_to_weight(value)
-        elif re.search(r"\.grn\.(gamma|beta)$", key):
-            value = value.reshape(1, 1, 1, -1)
-        elif key.endswith(".bias") and value.ndim == 2 and value.shape[0] == 1:
-            value = value.reshape(-1)
-        dense[key] = value
-    return dense
-
-
-# Official dense key → timm key, applied in order (first match wins).
-_TIMM_RULES: tuple[tuple[str, str], ...] = (
-    (r"^downsample_layers\.0\.", "stem."),
-    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
-    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"^head\.", "head.fc."),
-    (r"^norm\.", "head.norm."),
-)
-_TIMM_BLOCK_RULES: tuple[tuple[str, str], ...] = (
-    (r"\.dwconv\.", ".conv_dw."),
-    (r"\.pwconv1\.", ".mlp.fc1."),
-    (r"\.pwconv2\.", ".mlp.fc2."),
-    (r"\.grn\.gamma$", ".mlp.grn.weight"),
-    (r"\.grn\.beta$", ".mlp.grn.bias"),
-)
-
-
-def dense_to_timm_state_dict(dense: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official dense ConvNeXt V2 keys → timm ``convnextv2_*`` keys.
-
-    timm keeps the MLP as 1×1 convs, so ``pwconv`` weights (out, in) become (out, in, 1, 1),
-    and GRN parameters (1, 1, 1, C) become (C,).
-    """
-    timm_state: dict[str, Tensor] = {}
-    for key, value in dense.items():
-        for pattern, replacement in _TIMM_RULES:
-            new_key = re.sub(pattern, replacement, key)
-            if new_key != key:
-                key = new_key
-                break
-        for pattern, replacement in _TIMM_BLOCK_RULES:
-            key = re.sub(pattern, replacement, key)
-        if ".mlp.fc" in key and key.endswith("weight"):
-            value = value[:, :, None, None]
-        elif ".mlp.grn." in key:
-            value = value.reshape(-1)
-        timm_state[key] = value
-    return timm_state
-
-
 FORMATS = ("official", "timm")
 
 
@@ -93,6 +22,46 @@ def encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
         return {key[len(ENCODER_PREFIX):]: value for key, value in state.items()
                 if key.startswith(ENCODER_PREFIX)}
     return dict(state)
+
+
+def _meta_model(build) -> nn.Module:
+    with torch.device("meta"):
+        return build()
+
+
+def timm_model(model_name: str, **kwargs) -> nn.Module:
+    """timm's model of the same name (its family must declare a ``timm_filter_fn``)."""
+    if get_model_entry(model_name).family.timm_filter_fn is None:
+        raise ValueError(f"timm has no layout for {model_name!r}; use --format official")
+    import timm
+    return timm.create_model(model_name, pretrained=False, **kwargs)
+
+
+def in_timm_layout(state: dict[str, Tensor], model_name: str) -> bool:
+    """True when ``state`` holds timm's keys for ``model_name`` rather than the official ones."""
+    if get_model_entry(model_name).family.timm_filter_fn is None:
+        return False
+    from . import create_model
+    official = _meta_model(lambda: create_model(model_name)).state_dict().keys()
+    timm_keys = _meta_model(lambda: timm_model(model_name)).state_dict().keys()
+    return bool(state) and not state.keys() <= official and state.keys() <= timm_keys
+
+
+def encoder_to_dense(encoder: dict[str, Tensor], model_name: str, fmt: str = "official") -> dict[str, Tensor]:
+    """FCMAE encoder weights (no ``encoder.`` prefix) of ``model_name`` → the dense model's
+    weights in ``fmt`` layout, by the family's checkpoint filters."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    family = get_model_entry(model_name).family
+    from . import create_model
+    dense = family.checkpoint_filter_fn(encoder, _meta_model(lambda: create_model(model_name)))
+    return dense_to_timm(dense, model_name) if fmt == "timm" else dense
+
+
+def dense_to_timm(dense: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
+    """Official-layout dense weights of ``model_name`` → timm's layout (the family's ``timm_filter_fn``)."""
+    model = _meta_model(lambda: timm_model(model_name))
+    return get_model_entry(model_name).family.timm_filter_fn(dense, model)
 
 
 def infer_model_name(encoder: dict[str, Tensor]) -> str:
@@ -118,10 +87,7 @@ def convert_state(state: dict[str, Tensor], model_name: str | None = None,
     if model_name is not None and model_name != inferred:
         raise CheckpointError(f"--model {model_name!r} does not match the checkpoint, "
                               f"which holds {inferred!r}")
-    if fmt == "timm" and not inferred.startswith("convnextv2_"):
-        raise ValueError(f"timm has no layout for {inferred!r}; use --format official")
-    dense = sparse_to_dense_state_dict(encoder)
-    return (dense_to_timm_state_dict(dense) if fmt == "timm" else dense), inferred
+    return encoder_to_dense(encoder, inferred, fmt), inferred
 
 
 def build_dense(model_name: str, fmt: str, dense_state: dict[str, Tensor]) -> nn.Module:
@@ -129,8 +95,7 @@ def build_dense(model_name: str, fmt: str, dense_state: dict[str, Tensor]) -> nn
     only its head (final norm, classifier) may be missing."""
     from . import create_model
     if fmt == "timm":
-        import timm
-        model = timm.create_model(model_name, pretrained=False)
+        model = timm_model(model_name)
         head_prefixes: tuple[str, ...] = ("head.",)
     else:
         model = create_model(model_name)
@@ -175,8 +140,7 @@ def write_timm_folder(timm_state: dict[str, Tensor], model_name: str, folder: Pa
     ``config.json`` timm reads for ``local-dir:`` models (architecture, ``num_features``,
     ``pretrained_cfg`` describing these weights). Written here rather than by timm's hub export,
     which needs huggingface_hub and differs across the supported timm versions."""
-    import timm
-    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    model = timm_model(model_name, num_classes=0)
     missing, unexpected = model.load_state_dict(timm_state, strict=False)
     if unexpected or any(not key.startswith("head.norm.") for key in missing):
         raise CheckpointError(f"converted weights do not fit timm {model_name}: "

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,6 +24,8 @@ from . import distributed
 from .loader import BatchStream
 from .logger import RunLogger
 from .optim import cosine_lr, set_lr
+
+log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,7 +89,7 @@ def prepare_output(output_dir: Path, log_dir: Path) -> None:
         ckpt.check_output_dir(folder)
     if distributed.is_main_process():
         for stale in ckpt.remove_stale_temp_files(output_dir):
-            print(f"removed {stale}, left by an interrupted save", file=sys.stderr)
+            log.warning(f"removed {stale}, left by an interrupted save")
 
 
 def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
@@ -191,48 +193,71 @@ class RunInfo:
     save_every: int = 0
 
 
-def fit(model: nn.Module, train_model: nn.Module, loader, optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler, loss_fn: LossFn, config: TrainingConfig, run: RunInfo,
-        start_epoch: int, step: int, device: torch.device, logger: RunLogger,
-        step_hook: StepHook | None = None,
-        end_of_epoch: Callable[[int], dict[str, float]] | None = None,
-        extra_state: Callable[[], dict[str, Any]] | None = None) -> Path:
+@dataclass
+class TrainingRun:
+    """A model ready to train: ``model`` is the bare module (saved, evaluated), ``train_model``
+    its DDP/compiled wrapper (trained); training continues after ``start_epoch`` epochs and
+    ``step`` optimizer steps (0, 0 for a fresh run)."""
+
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    start_epoch: int = 0
+    step: int = 0
+    resume_path: Path | None = None
+
+
+@dataclass
+class Callbacks:
+    """Optional hooks of :func:`fit`.
+
+    * ``on_step(global_step, batch, outputs)``: after every optimizer step (EMA, images);
+    * ``end_of_epoch(epoch) -> metrics``: after every epoch (evaluation), logged with it;
+    * ``extra_state() -> entries``: more checkpoint entries (EMA weights).
+    """
+
+    on_step: StepHook | None = None
+    end_of_epoch: Callable[[int], dict[str, float]] | None = None
+    extra_state: Callable[[], dict[str, Any]] | None = None
+
+
+def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info: RunInfo, logger: RunLogger,
+        callbacks: Callbacks | None = None) -> Path:
     """The epoch loop shared by every command: train, evaluate, checkpoint atomically.
 
-    ``model`` is the bare module (saved), ``train_model`` its DDP/compiled wrapper (trained).
-    ``end_of_epoch(epoch)`` returns metrics to log (e.g. validation accuracy);
-    ``extra_state()`` adds entries to the checkpoint (e.g. EMA weights).
     Returns the path of ``checkpoint-last.pth``.
     """
-    last = run.output_dir / ckpt.LAST
-    batches = BatchStream(loader, start_epoch) if start_epoch < config.epochs else []
-    epoch = start_epoch
+    callbacks = callbacks or Callbacks()
+    last = info.output_dir / ckpt.LAST
+    batches = BatchStream(loader, run.start_epoch) if run.start_epoch < config.epochs else []
+    epoch, step = run.start_epoch, run.step
     try:
-        for epoch in range(start_epoch, config.epochs):
-            stats, step = train_one_epoch(train_model, batches, optimizer, scaler, loss_fn, config,
-                                          epoch, step, device, logger, step_hook)
+        for epoch in range(run.start_epoch, config.epochs):
+            stats, step = train_one_epoch(run.train_model, batches, run.optimizer, run.scaler, loss_fn, config,
+                                          epoch, step, run.device, logger, callbacks.on_step)
             # Evaluation draws random numbers (data-loader seeds); put the streams back afterwards,
             # so an uninterrupted run continues exactly where a resumed one does.
             local_rng = ckpt.capture_rng_state()
             rng = distributed.all_gather_state(local_rng)
-            metrics = end_of_epoch(epoch) if end_of_epoch else {}
+            metrics = callbacks.end_of_epoch(epoch) if callbacks.end_of_epoch else {}
             ckpt.restore_rng_state(local_rng)
-            weights = {"model": model.state_dict(), **(extra_state() if extra_state else {})}
+            weights = {"model": run.model.state_dict(), **(callbacks.extra_state() if callbacks.extra_state else {})}
             broken = ckpt.first_non_finite(weights)   # on every rank: under DDP all ranks stop together
             if broken is not None:
                 raise NonFiniteLossError(
                     f"{broken} is not finite after epoch {epoch}, step {step}; not saved — {last} "
                     f"still holds the last good state; lower --lr/--blr or use --clip-grad")
             if distributed.is_main_process():
-                state = ckpt.training_checkpoint(weights, optimizer, scaler, epoch, step, run.args,
-                                                 run.model_name, rng)
+                state = ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch, step, info.args,
+                                                 info.model_name, rng)
                 ckpt.atomic_save(state, last)
-                if run.save_every and (epoch + 1) % run.save_every == 0:
-                    ckpt.atomic_save(state, run.output_dir / f"checkpoint-{epoch}.pth")
+                if info.save_every and (epoch + 1) % info.save_every == 0:
+                    ckpt.atomic_save(state, info.output_dir / f"checkpoint-{epoch}.pth")
                 record = {"epoch": epoch, "epoch_loss": stats["loss"], **metrics}
                 logger.log(record, step, prefix="epoch")
-                print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in record.items()), file=sys.stderr)
+                log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             distributed.barrier()
     except BaseException as interrupt:
         mark_progress(interrupt, epoch, step)

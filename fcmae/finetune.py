@@ -7,6 +7,7 @@ mixup/cutmix, label smoothing, model EMA, top-1/top-5 evaluation.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
@@ -14,20 +15,19 @@ from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from . import checkpoint as ckpt
 from . import create_model, distributed
-from .convert import ENCODER_PREFIX, convert_state
+from .convert import ENCODER_PREFIX, convert_state, in_timm_layout
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, labeled_images
-from .engine import AMP_DTYPES, RunInfo, TrainingConfig, fit, make_scaler, move_to, prepare_output, setup_run
+from .engine import AMP_DTYPES, Callbacks, move_to, prepare_output, setup_run
 from .loader import make_train_loader
-from .logger import RunLogger
-from .models.internimage import dcn_options
-from .models.layers import enable_grad_checkpointing
 from .optim import layer_decay_param_groups, param_groups
+from .run import model_kwargs, scale_lr, start_training, train
 from .shards import SHARD_INDEX, ShardImages, is_shard_spec, open_shard_set
+
+log = logging.getLogger(__name__)
 
 
 def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, Dataset]:
@@ -71,7 +71,7 @@ def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
     """Load dense (official layout) or FCMAE weights into ``model``; its head (``head_prefixes``:
     final norm, classifier) may be missing and starts fresh, anything else must fit exactly."""
     state = ckpt.state_dict_of(ckpt.load_checkpoint(path))
-    if any(".conv_dw." in key for key in state):
+    if in_timm_layout(state, model_name):
         raise ckpt.CheckpointError(f"{path} is in timm layout; convert with "
                                    f"'fcmae-convert --format official' for fine-tuning here")
     if any(key.startswith(ENCODER_PREFIX) for key in state):
@@ -129,7 +129,6 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
         raise ValueError(f"--batch-size {args.batch_size} is odd; mixup/cutmix mix pairs of images: use an "
                          f"even batch size, or --mixup 0 --cutmix 0")
     rank, world_size, device = setup_run(args)
-    main = distributed.is_main_process()
     if not args.eval:
         prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir)
 
@@ -143,9 +142,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
                             batch_size=args.batch_size, num_workers=args.num_workers)
 
     model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path,
-                         head_init_scale=args.head_init_scale, **dcn_options(args.model, args.dcn_impl, device.type))
-    if args.grad_checkpointing:
-        enable_grad_checkpointing(model, args.model)
+                         head_init_scale=args.head_init_scale, **model_kwargs(args, device))
     if args.finetune:
         load_pretrained(model, args.finetune, args.model)
     if args.linear_probe:
@@ -153,36 +150,18 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
             param.requires_grad = name.startswith(model.head_prefixes)
     model.to(device)
 
-    eff_batch = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
+    effective_batch = scale_lr(args, world_size)
     groups = (layer_decay_param_groups(model, args.weight_decay, args.layer_decay, args.layer_decay_type)
               if args.layer_decay != 1.0 else param_groups(model, args.weight_decay))
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
-    scaler = make_scaler(args.amp, device)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-
-    start_epoch, step = 0, 0
-    resume_path = ckpt.find_resume(args.resume, output_dir)
-    if resume_path is not None:
-        start_epoch, step = ckpt.resume_training(resume_path, model, optimizer, scaler, args.model,
-                                                 rank, world_size, {"model_ema": ema} if ema else None)
-        if start_epoch >= args.epochs and not args.eval:
-            if main:
-                print(f"{resume_path} already holds all {args.epochs} epochs; raise --epochs to train longer")
-            return {}
+    run = start_training(args, model, groups, device, extra_state={"model_ema": ema} if ema else None)
     if args.eval:
         metrics = evaluate(model, val_loader, device, args.amp)
-        if main:
-            print(f"eval: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
-                  f"loss {metrics['val_loss']:.4f} on {len(val_set)} images")
+        log.info(f"eval: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
+                 f"loss {metrics['val_loss']:.4f} on {len(val_set)} images")
         return metrics
-
-    train_model = model
-    if world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
+    if run.start_epoch >= args.epochs:
+        return {}
     criterion, mixup = make_loss(args, num_classes)
 
     def classification_loss(net, batch):
@@ -205,21 +184,11 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
         skipped = train_set.num_skipped + val_set.num_skipped
         return {**results, **({"skipped_image_reads": skipped} if skipped else {})}
 
-    logger = RunLogger(args.log_dir or output_dir, enabled=main,
-                       resume_step=step if resume_path is not None else None)
-    if main:
-        mode = "linear probe" if args.linear_probe else "fine-tune"
-        print(f"fcmae-finetune ({mode}): {args.model}, {num_classes} classes, {len(train_set)} train / "
-              f"{len(val_set)} val images, eff. batch {eff_batch}, lr {args.lr:.3g}, "
-              f"weights {args.finetune or 'random init'}")
-    config = TrainingConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs,
-                            epochs=args.epochs, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-                            amp=args.amp)
-    run = RunInfo(args.model, args, output_dir, args.save_every)
-    try:
-        fit(model, train_model, loader, optimizer, scaler, classification_loss, config, run,
-            start_epoch, step, device, logger, update_ema, evaluate_epoch,
-            (lambda: {"model_ema": ema.state_dict()}) if ema else None)
-    finally:
-        logger.close()
+    mode = "linear probe" if args.linear_probe else "fine-tune"
+    log.info(f"fcmae-finetune ({mode}): {args.model}, {num_classes} classes, {len(train_set)} train / "
+             f"{len(val_set)} val images, eff. batch {effective_batch}, lr {args.lr:.3g}, "
+             f"weights {args.finetune or 'random init'}")
+    train(run, args, loader, classification_loss, lambda logger: Callbacks(
+        on_step=update_ema, end_of_epoch=evaluate_epoch,
+        extra_state=(lambda: {"model_ema": ema.state_dict()}) if ema else None))
     return results

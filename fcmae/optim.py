@@ -7,18 +7,21 @@ import torch
 from torch import nn
 
 
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Norm weights, biases, GRN parameters and the mask token are not decayed."""
-    return (param.ndim <= 1 or name.endswith(".bias") or ".grn." in name
-            or name.endswith("mask_token") or ".ln." in name)
+def exempt_from_decay(model: nn.Module) -> set[str]:
+    """Names of ``model``'s parameters that get no weight decay: every bias and 1-D parameter
+    (norm weights, LayerScale), and what the model declares in ``no_weight_decay()`` (as timm)."""
+    declared = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    return {name for name, param in model.named_parameters()
+            if param.ndim <= 1 or name.endswith(".bias") or name in declared}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights and everything :func:`no_weight_decay` exempts."""
+    """Two AdamW groups: decayed weights and everything :func:`exempt_from_decay` names."""
+    exempt = exempt_from_decay(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
+            (no_decay if name in exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -50,12 +53,13 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
     if decay_type not in ("single", "group"):
         raise ValueError(f"--layer-decay-type must be 'single' or 'group', got {decay_type!r}")
     num_layers = model.num_layers(decay_type)
+    exempt_names = exempt_from_decay(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         layer = model.layer_id(name, decay_type)
-        exempt = no_weight_decay(name, param)
+        exempt = name in exempt_names
         group = groups.setdefault((layer, exempt), {
             "params": [], "weight_decay": 0.0 if exempt else weight_decay,
             "lr_scale": layer_decay ** (num_layers + 1 - layer)})

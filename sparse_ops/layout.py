@@ -42,3 +42,23 @@ def conv_weight_to_kernel(weight: Tensor) -> Tensor:
     """(C_out, C_in, k, k) ``Conv2d`` weight → (k·k, C_in, C_out) sparse kernel."""
     out_channels, in_channels, side, _ = weight.shape
     return weight.transpose(2, 3).reshape(out_channels, in_channels, side * side).permute(2, 1, 0)
+
+
+def sparse_to_dense_state_dict(sparse: dict[str, Tensor]) -> dict[str, Tensor]:
+    """State dict of :mod:`sparse_ops.nn` layers → the keys and kernel layouts of their
+    ``torch.nn`` counterparts (the official FCMAE sparse → dense conversion rules):
+
+    * ``*.kernel`` (k·k, C) → depthwise ``*.weight`` (C, 1, k, k);
+      (k·k, C_in, C_out) → ``*.weight`` (C_out, C_in, k, k)
+    * the ``.ln.`` / ``.linear.`` wrapper components of ``LayerNorm`` / ``Linear`` drop out.
+
+    Other tensors keep their shapes ((1, C) biases, GRN parameters): a model's checkpoint
+    filter reshapes them to its dense layers."""
+    dense: dict[str, Tensor] = {}
+    for key, value in sparse.items():
+        key = key.replace(".ln.", ".").replace(".linear.", ".")
+        if key.endswith(".kernel"):
+            key = key[: -len("kernel")] + "weight"
+            value = depthwise_kernel_to_weight(value) if value.ndim == 2 else conv_kernel_to_weight(value)
+        dense[key] = value
+    return dense

@@ -9,6 +9,7 @@ import torch
 
 import fcmae
 import fcmae.convert
+import sparse_ops.layout
 from fcmae.checkpoint import atomic_save, load_checkpoint, save_safetensors
 from fcmae.cli.convert import main
 from fcmae.convert import convert_state, verify
@@ -58,7 +59,7 @@ def test_cli_converts_official_style_file_and_verifies(official_style_checkpoint
     path, model = official_style_checkpoint
     out = tmp_path / "dense.pth"
     assert run_cli([path, "-o", out, "--verify"]) == 0
-    assert "max abs difference" in capsys.readouterr().out
+    assert "max abs difference" in capsys.readouterr().err
     saved = torch.load(out, weights_only=True)
     dense = fcmae.create_model(saved["model_name"])
     missing, unexpected = dense.load_state_dict(saved["model"], strict=False)
@@ -68,7 +69,7 @@ def test_cli_converts_official_style_file_and_verifies(official_style_checkpoint
 def test_verify_catches_a_wrong_conversion(official_style_checkpoint, tmp_path, monkeypatch, capsys):
     path, _ = official_style_checkpoint
     # forget the transpose of the kernel layout: rows and columns swap
-    monkeypatch.setattr(fcmae.convert, "depthwise_kernel_to_weight",
+    monkeypatch.setattr(sparse_ops.layout, "depthwise_kernel_to_weight",
                         lambda k: k.t().reshape(k.shape[1], 1, 7, 7))
     out = tmp_path / "dense.pth"
     assert run_cli([path, "-o", out, "--verify"]) == 1

@@ -3,7 +3,7 @@ import timm
 import torch
 
 import fcmae
-from fcmae.convert import dense_to_timm_state_dict, sparse_to_dense_state_dict
+from fcmae.convert import dense_to_timm, encoder_to_dense
 from fcmae.masking import random_masks
 from fcmae.models.convnextv2 import CONVNEXTV2_SIZES
 
@@ -77,7 +77,7 @@ def test_state_dict_layouts_are_official(size):
 
 def converted_dense(encoder, name):
     dense = fcmae.create_model(name)
-    missing, unexpected = dense.load_state_dict(sparse_to_dense_state_dict(encoder.state_dict()),
+    missing, unexpected = dense.load_state_dict(encoder_to_dense(encoder.state_dict(), name),
                                                 strict=False)
     assert sorted(missing) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
     assert unexpected == []
@@ -105,8 +105,7 @@ def test_sparse_encoder_equals_masked_dense_outputs_and_gradients(size, mask_rat
     weights = torch.randn_like(dense_out)
     (sparse_out * weights).sum().backward()
     (dense_out * weights).sum().backward()
-    sparse_grads = sparse_to_dense_state_dict(
-        {k: p.grad for k, p in encoder.named_parameters()})
+    sparse_grads = encoder_to_dense({k: p.grad for k, p in encoder.named_parameters()}, name)
     for key, param in dense.named_parameters():
         if key in sparse_grads:
             assert_close(sparse_grads[key], param.grad, rtol=2e-4)
@@ -135,7 +134,7 @@ def test_masked_sites_are_zero_and_removed_pixels_do_not_leak():
 def test_dense_model_matches_timm_implementation():
     model = randomize_(fcmae.create_model("convnextv2_atto", num_classes=10)).eval()
     reference = timm.create_model("convnextv2_atto", pretrained=False, num_classes=10).eval()
-    reference.load_state_dict(dense_to_timm_state_dict(model.state_dict()), strict=True)
+    reference.load_state_dict(dense_to_timm(model.state_dict(), "convnextv2_atto"), strict=True)
     imgs = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_close(model(imgs), reference(imgs))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.convert import sparse_to_dense_state_dict
+from fcmae.convert import encoder_to_dense
 from fcmae.masking import random_masks
 
 from .helpers import assert_close, randomize_
@@ -40,7 +40,7 @@ def test_sparse_equals_masked_dense_on_cuda(dtype, rtol):
     weights = torch.randn_like(dense_out)
     (sparse_out * weights).sum().backward()
     (dense_out * weights).sum().backward()
-    sparse_grads = sparse_to_dense_state_dict({k: p.grad for k, p in encoder.named_parameters()})
+    sparse_grads = encoder_to_dense({k: p.grad for k, p in encoder.named_parameters()}, name)
     for key, param in dense.named_parameters():
         if param.grad is not None:
             assert_close(sparse_grads[key], param.grad, rtol=rtol)

@@ -156,7 +156,7 @@ def test_resuming_a_finished_run_says_so(first_epoch, tmp_path, capsys):
     other = tmp_path / "other"
     assert run_cli(QUICK + ["--epochs", "1", "--output-dir", other, "--resume", out / "checkpoint-last.pth"]) == 0
     captured = capsys.readouterr()
-    assert "already holds all 1 epochs" in captured.out
+    assert "already holds all 1 epochs" in captured.err
     assert f"done: checkpoint {out / 'checkpoint-last.pth'}" in captured.err
     assert not (other / "checkpoint-last.pth").exists()
 

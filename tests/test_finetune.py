@@ -117,7 +117,7 @@ def test_eval_only_reports_accuracy(labeled_folder, pretrained, tmp_path, capsys
     _, dense_path, _ = pretrained
     assert run_cli(QUICK + ["--data-path", labeled_folder, "--finetune", dense_path, "--eval",
                             "--output-dir", tmp_path]) == 0
-    assert "eval: top-1" in capsys.readouterr().out
+    assert "eval: top-1" in capsys.readouterr().err
 
 
 def test_missing_val_split_is_one_line_error(tmp_path, capsys):

@@ -75,7 +75,7 @@ def test_cli_init_starts_a_fresh_run_from_the_weights(official_fcmae_file, tmp_p
     out = tmp_path / "continued"
     # lr 0: one step leaves the weights as loaded, so the checkpoint shows exactly what --init gave
     main(QUICK + ["--init", str(path), "--output-dir", str(out), "--lr", "0"])   # returns on success
-    assert "initialised from" in capsys.readouterr().out
+    assert "initialised from" in capsys.readouterr().err
     saved = load_checkpoint(out / "checkpoint-last.pth")
     source = load_checkpoint(path)["model"]
     assert saved["model"].keys() == source.keys()

@@ -9,13 +9,12 @@ model size, batch, masks and settings, and the table prints the ratios side by s
 
 Variants: ``dense`` (no mask, the fine-tuning network), ``masked`` (dense network that
 re-applies the mask after every spatial op, the JAX-style reference), ``sparse-<backend>``
-for every installed ``sparse_ops`` backend. For RevCol (``revcol_*``, reversible by default)
-``masked-plain`` is the masked encoder with ordinary autograd, to compare memory. For
-InternImage ``packed`` runs pointwise layers on visible sites only (its FCMAE default);
-InternImage variants use the default ``grid_sample`` DCNv3 sampling; on CUDA, ``dense-triton``
-and ``packed-triton`` swap in the fused Triton kernels. A ``+ckpt`` suffix on any variant of
-ConvNeXt V2 or InternImage turns on gradient checkpointing (``dense+ckpt``,
-``sparse-torch+ckpt``, ``packed+ckpt``); pass such variants with ``--variants``.
+for every installed ``sparse_ops`` backend (families with a sparse encoder), and the
+variants each family declares (``benchmark_variants`` in its registration: e.g. RevCol's
+``masked-plain``, ordinary autograd instead of reversible; InternImage's ``packed`` and,
+on CUDA, ``dense-triton``/``packed-triton``). A ``+ckpt`` suffix on a variant of a model
+that supports it turns on gradient checkpointing (``dense+ckpt``, ``sparse-torch+ckpt``,
+``packed+ckpt``); pass such variants with ``--variants``.
 Peak memory is ``torch.cuda.max_memory_allocated``
 on GPU and the growth of the process' peak RSS over its idle RSS on CPU.
 """
@@ -33,7 +32,7 @@ import torch
 import fcmae
 import sparse_ops
 from fcmae.masking import patch_grid, random_masks
-from fcmae.models.dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls
+from fcmae.models import get_model_entry
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,14 +65,11 @@ def current_rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-def model_options(variant: str, model_name: str) -> dict:
-    """Constructor options of the dense-network ``variant`` of ``model_name``."""
-    if model_name.startswith("revcol"):
-        return {"reversible": False} if variant == "masked-plain" else {}
-    if model_name.startswith("internimage"):
-        layout, _, dcn_impl = variant.partition("-")
-        return {"packed_masked": layout != "masked", **({"dcn_impl": dcn_impl} if dcn_impl else {})}
-    return {}
+def dense_variants(model_name: str, device_type: str) -> dict[str, dict]:
+    """Dense-network variants of ``model_name`` → constructor options (``dense`` and ``masked``
+    with none, then the family's own, which may redefine ``masked``)."""
+    family = get_model_entry(model_name).family
+    return {"dense": {}, "masked": {}, **family.benchmark_variants(device_type)}
 
 
 def build_step(variant: str, args: argparse.Namespace):
@@ -87,12 +83,16 @@ def build_step(variant: str, args: argparse.Namespace):
         model = fcmae.create_encoder(args.model, backend=variant.split("-", 1)[1]).to(device)
         forward = model
     else:
-        model = fcmae.create_model(args.model, num_classes=0, **model_options(variant, args.model)).to(device)
+        options = dense_variants(args.model, device.type)
+        if variant not in options:
+            raise SystemExit(f"unknown variant {variant!r} for {args.model}; "
+                             f"known: {', '.join(options)}, sparse-BACKEND")
+        model = fcmae.create_model(args.model, num_classes=0, **options[variant]).to(device)
         if not args.no_channels_last:
             model = model.to(memory_format=torch.channels_last)
             imgs = imgs.contiguous(memory_format=torch.channels_last)
         forward = model.forward_features
-        if variant.partition("-")[0] == "dense":
+        if variant.startswith("dense"):
             mask = None
     if option == "ckpt":
         model.set_grad_checkpointing()
@@ -136,14 +136,10 @@ def main(argv=None) -> None:
     patch_grid((args.input_size, args.input_size), 32)
     if args.variants != "all":
         variants = args.variants.split(",")
-    elif args.model.startswith("revcol"):
-        variants = ["dense", "masked", "masked-plain"]
-    elif args.model.startswith("convnextv2"):
-        variants = ["dense", "masked"] + [f"sparse-{name}" for name in sparse_ops.available_backends()]
-    else:  # InternImage: masked-dense vs visible sites packed
-        variants = ["dense", "masked", "packed"] + [
-            f"{layout}-{impl}" for impl in available_impls(torch.device(args.device).type)
-            if impl != DEFAULT_DCNV3_IMPL for layout in ("dense", "packed")]
+    else:
+        variants = list(dense_variants(args.model, torch.device(args.device).type))
+        if get_model_entry(args.model).family.sparse_encoder:
+            variants += [f"sparse-{name}" for name in sparse_ops.available_backends()]
     context = mp.get_context("spawn")
     results = []
     for variant in variants:

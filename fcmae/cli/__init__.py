@@ -1,12 +1,18 @@
 """Command-line entry points: argument parsing only; the work lives in the package."""
 import argparse
+import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from ..models.dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL
+import torch
+
+from ..engine import AMP_DTYPES
+from ..models import list_models
+from ..models.registry import add_family_arguments
 
 
 class Terminated(BaseException):
@@ -67,14 +73,86 @@ PROBABILITY = number(float, 0, 1)
 SEED = number(int, 0, 2 ** 31 - 1)
 
 
-def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
-    """How the model runs, not what it computes (shared by pretraining and fine-tuning)."""
-    parser.add_argument("--grad-checkpointing", "--grad_checkpointing", action="store_true",
-                        help="recompute each block's activations in backward instead of keeping them "
-                             "(ConvNeXt V2, InternImage)")
-    parser.add_argument("--dcn-impl", "--dcn_impl", choices=DCNV3_IMPLS, default=None,
-                        help=f"InternImage only: DCNv3 sampling (default {DEFAULT_DCNV3_IMPL}); "
-                             "'triton': fused Triton kernels, CUDA only")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default (unless it is None or off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags pretraining and fine-tuning share (each command sets its own defaults with
+    ``parser.set_defaults``), every model family's own options, and ``--log-level``."""
+    add = parser.add_argument
+    add("--model", default="convnextv2_atto", help=f"one of {', '.join(list_models())}")
+    add("--shard-index", "--shard_index", default=None,
+        help="shards.json written by fcmae-shards (sample counts, class names); needed for pipe: shards, "
+             "found beside local shards")
+    add("--output-dir", "--output_dir", help="checkpoints go here")
+    add("--log-dir", "--log_dir", default=None, help="TensorBoard events and log.jsonl (default: --output-dir)")
+    add("--epochs", type=POSITIVE_INT)
+    add("--batch-size", "--batch_size", type=POSITIVE_INT, help="per process")
+    add("--accum-iter", "--accum_iter", type=POSITIVE_INT, default=1, help="gradient accumulation steps")
+    add("--blr", type=POSITIVE, help="base lr; lr = blr * effective batch / 256")
+    add("--lr", type=NON_NEGATIVE, default=None, help="absolute lr (overrides --blr)")
+    add("--min-lr", "--min_lr", type=NON_NEGATIVE, help="final lr of the cosine schedule")
+    add("--warmup-epochs", "--warmup_epochs", type=NON_NEGATIVE, help="linear lr warmup from 0")
+    add("--weight-decay", "--weight_decay", type=NON_NEGATIVE, default=0.05,
+        help="AdamW weight decay (not applied to biases, norms and what the model exempts)")
+    add("--input-size", "--input_size", type=number(int, 32), default=224,
+        help="image side in pixels, a multiple of 32")
+    add("--amp", choices=list(AMP_DTYPES), default="none", help="autocast dtype (fp16 uses loss scaling)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--clip-grad", "--clip_grad", type=POSITIVE, default=None, help="max global grad norm (omit: no clipping)")
+    add("--grad-checkpointing", "--grad_checkpointing", action="store_true",
+        help="recompute each block's activations in backward instead of keeping them (not RevCol: reversible)")
+    add("--num-workers", "--num_workers", type=NON_NEGATIVE_INT, default=2, help="data loader workers per process")
+    add("--seed", type=SEED, default=0)
+    add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT/checkpoint-last.pth if present")
+    add("--save-every", "--save_every", type=NON_NEGATIVE_INT, default=0,
+        help="also keep checkpoint-EPOCH.pth every N epochs (checkpoint-last.pth is always written)")
+    add("--steps-per-epoch", "--steps_per_epoch", type=POSITIVE_INT, default=None,
+        help="cap optimizer steps per epoch (quick runs)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--dist-backend", "--dist_backend", choices=["nccl", "gloo"], default=None,
+        help="torch.distributed backend under torchrun (default: nccl on GPU, gloo on CPU)")
+    add_family_arguments(parser)
+    add_log_level_argument(parser)
+
+
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", "--log_level", choices=["debug", "info", "warning", "error"], default="info",
+                        help="messages on stderr; processes other than rank 0 show warnings and errors only")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (pytest swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(level: str = "info") -> None:
+    """Messages of the ``fcmae`` loggers go to stderr as plain lines at ``level``; processes
+    other than rank 0 (torchrun's ``RANK``) show warnings and errors only."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    package_logger = logging.getLogger("fcmae")
+    for handler in list(package_logger.handlers):
+        package_logger.removeHandler(handler)
+    package_logger.addHandler(_StderrHandler())
+    package_logger.propagate = False
+    threshold = getattr(logging, level.upper())
+    package_logger.setLevel(threshold if main_process else max(threshold, logging.WARNING))
 
 
 def _fail(prog: str, error: BaseException) -> NoReturn:

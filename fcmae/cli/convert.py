@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 from .. import checkpoint as ckpt
 from ..convert import FORMATS, convert_state, save_converted, verify
-from . import NON_NEGATIVE, run_or_exit
+from . import NON_NEGATIVE, HelpFormatter, add_log_level_argument, configure_logging, run_or_exit
+
+log = logging.getLogger("fcmae.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fcmae-convert",
+        prog="fcmae-convert", formatter_class=HelpFormatter,
         description="Turn an FCMAE checkpoint (from fcmae-pretrain, any backend, or an official "
                     "ConvNeXt-V2 FCMAE checkpoint) into dense encoder weights. Decoder weights are "
                     "dropped; the final norm and classifier are absent (fine-tuning starts them fresh).")
@@ -23,12 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "config.json, loadable by timm alone)")
     parser.add_argument("--format", choices=FORMATS, default="official",
                         help="official: {'model': state_dict} as the official repo and fcmae.create_model "
-                             "load it; timm: a bare state_dict for timm.create_model('convnextv2_*')")
+                             "load it; timm: a bare state_dict for timm.create_model(MODEL) (families timm has)")
     parser.add_argument("--model", default=None, help="expected model name (inferred from shapes if omitted)")
     parser.add_argument("--verify", action="store_true",
                         help="run sparse and dense models on a random batch and compare (exit 1 above --tolerance)")
     parser.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-3, help="max abs difference allowed by --verify")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    add_log_level_argument(parser)
     return parser
 
 
@@ -44,21 +47,22 @@ def run(args: argparse.Namespace) -> int:
     max_diff = None
     if args.verify:
         max_diff = verify(sparse_state, dense_state, model_name, args.format)
-        print(f"verify: max abs difference encoder vs dense model = {max_diff:.3g} (tolerance {args.tolerance:g})")
+        log.info(f"verify: max abs difference encoder vs dense model = {max_diff:.3g} (tolerance {args.tolerance:g})")
         if not max_diff <= args.tolerance:   # NaN fails too
-            print(f"fcmae-convert: error: verification failed ({max_diff:.3g} > {args.tolerance:g}); "
-                  f"nothing written", file=sys.stderr)
+            log.error(f"fcmae-convert: error: verification failed ({max_diff:.3g} > {args.tolerance:g}); "
+                      f"nothing written")
             return 1
     saved_args = source.get("args")   # a dict in our checkpoints, a Namespace in official ones
     saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args or {}
     input_size = int(saved_args.get("input_size") or 224)
     written = save_converted(dense_state, model_name, args.format, output, input_size)
-    print(f"wrote {model_name} encoder weights ({len(dense_state)} tensors) to {output}: {written}")
+    log.info(f"wrote {model_name} encoder weights ({len(dense_state)} tensors) to {output}: {written}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     code = run_or_exit("fcmae-convert", lambda: run(args),
                        (ckpt.CheckpointError, ValueError, FileExistsError, OSError))
     raise SystemExit(code)

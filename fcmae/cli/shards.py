@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ..data import DataError
 from ..shards import SHARD_INDEX, write_shards
-from . import POSITIVE, POSITIVE_INT, run_or_exit
+from . import POSITIVE, POSITIVE_INT, HelpFormatter, add_log_level_argument, configure_logging, run_or_exit
+
+log = logging.getLogger("fcmae.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fcmae-shards",
+        prog="fcmae-shards", formatter_class=HelpFormatter,
         description="Pack an ImageFolder tree (labels kept as 'cls') or a flat folder of images into "
                     "WebDataset tar shards with the original bytes (no re-encoding), plus shards.json "
                     "(sample counts, class names) that fcmae-pretrain and fcmae-finetune read.")
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=POSITIVE, default=1e9, help="bytes per shard at most")
     parser.add_argument("--no-labels", action="store_true", help="ignore class folders (unlabeled shards)")
     parser.add_argument("--force", action="store_true", help="write into a folder that already holds shards")
+    add_log_level_argument(parser)
     return parser
 
 
@@ -37,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
         summary = write_shards(args.source, destination, args.prefix, args.max_count, args.max_size,
                                labeled=False if args.no_labels else None, progress=bar)
     for problem in summary["skipped"]:
-        print(f"skipped unreadable file {problem}", file=sys.stderr)
+        log.warning(f"skipped unreadable file {problem}")
     labels = f", {len(summary['classes'])} classes" if summary["classes"] else ", unlabeled"
     numbers = [shard["name"][len(args.prefix) + 1:-len(".tar")] for shard in summary["shards"]]
-    print(f"wrote {summary['samples']} images{labels} into {len(numbers)} shards in {destination}; "
+    log.info(f"wrote {summary['samples']} images{labels} into {len(numbers)} shards in {destination}; "
           f"skipped {len(summary['skipped'])}; index: {destination / SHARD_INDEX}\n"
           f"use: --data-path '{destination}/{args.prefix}-{{{numbers[0]}..{numbers[-1]}}}.tar'")
     return 0
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     raise SystemExit(run_or_exit("fcmae-shards", lambda: run(args), (DataError, FileExistsError, OSError, ValueError)))
 
 

@@ -1,5 +1,16 @@
-"""Architectures. Importing this package registers every model."""
-from . import convnextv2, internimage, revcol  # noqa: F401  (registers every model)
-from .registry import ModelEntry, get_model_entry, list_models, register_model
+"""Architectures. Importing this package registers every family (one model file each)."""
+from . import convnextv2, internimage, revcol  # noqa: F401  (registers every family)
+from .registry import (
+    DenseModel,
+    EncoderFamily,
+    FamilyOption,
+    FCMAEEncoder,
+    ModelEntry,
+    get_model_entry,
+    list_families,
+    list_models,
+    register_family,
+)
 
-__all__ = ["ModelEntry", "get_model_entry", "list_models", "register_model"]
+__all__ = ["DenseModel", "EncoderFamily", "FamilyOption", "FCMAEEncoder", "ModelEntry", "get_model_entry",
+           "list_families", "list_models", "register_family"]

@@ -6,27 +6,30 @@ FCMAE (MinkowskiEngine) checkpoints strictly, whatever ``sparse_ops`` backend ru
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
+import re
+from collections.abc import Callable, Sequence
 
 from timm.layers import DropPath
 from torch import Tensor, nn
 
 import sparse_ops
 import sparse_ops.nn as snn
+from sparse_ops.layout import sparse_to_dense_state_dict
 
-from ..masking import keep_maps
 from .layers import (
     GRN,
+    STEM_STRIDE,
     BlockSequence,
     GradCheckpointing,
     LayerNorm2d,
     apply_keep,
     drop_path_rates,
     scale_head_init,
+    stage_keeps,
+    stage_strides,
     trunc_normal_init,
 )
-from .registry import register_model
+from .registry import EncoderFamily, StateDict, register_family
 
 # name: (depths, dims)
 CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -40,12 +43,43 @@ CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
 
-STEM_STRIDE = 4
 
 
-def _make_stem(in_chans: int, dim: int) -> nn.Sequential:
+def stem(in_chans: int, dim: int) -> nn.Sequential:
+    """Patchify stem: Conv 4×4/4 + LayerNorm (``downsample_layers.0``)."""
     return nn.Sequential(nn.Conv2d(in_chans, dim, kernel_size=STEM_STRIDE, stride=STEM_STRIDE),
                          LayerNorm2d(dim, eps=1e-6))
+
+
+def downsample_layers(in_chans: int, dims: Sequence[int], norm: Callable[..., nn.Module],
+                      conv: Callable[..., nn.Module]) -> nn.ModuleList:
+    """The stem, then per later stage ``norm(C_in)`` + ``conv(C_in, C_out, 2, 2)`` (dense or sparse layers)."""
+    layers = [stem(in_chans, dims[0])]
+    layers += [nn.Sequential(norm(dims[i - 1], eps=1e-6), conv(dims[i - 1], dims[i], 2, 2))
+               for i in range(1, len(dims))]
+    return nn.ModuleList(layers)
+
+
+def stages(block: Callable[..., nn.Module], depths: Sequence[int], dims: Sequence[int], drop_path_rate: float,
+           **block_kwargs) -> nn.ModuleList:
+    """One :class:`BlockSequence` of ``block(dim, drop_path, **block_kwargs)`` per stage."""
+    return nn.ModuleList(BlockSequence(*[block(dim, rate, **block_kwargs) for rate in rates])
+                         for dim, rates in zip(dims, drop_path_rates(depths, drop_path_rate)))
+
+
+class ConvNeXtShape:
+    """Sizes every ConvNeXt model (dense or sparse, V1 or V2) exposes through the family contract."""
+
+    def _set_shape(self, depths: Sequence[int], dims: Sequence[int]) -> None:
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.num_features = dims[-1]
+        self.feature_strides = stage_strides(len(dims))
+        self.patch_size = self.feature_strides[-1]
+
+    def no_weight_decay(self) -> set[str]:
+        """GRN's (1, 1, 1, C) gamma/beta are not decayed (the official recipe); all else with
+        more than one dimension is."""
+        return {name for name, _ in self.named_parameters() if ".grn." in name}
 
 
 class Block(nn.Module):
@@ -75,29 +109,24 @@ class Block(nn.Module):
         return apply_keep(shortcut + self.drop_path(x), keep)
 
 
-class ConvNeXtV2(GradCheckpointing, nn.Module):
+class ConvNeXtV2(ConvNeXtShape, GradCheckpointing, nn.Module):
     """Dense ConvNeXt V2 classifier (official key layout).
 
     ``forward_features(x, mask)`` with a patch mask is the masked-dense FCMAE reference.
+    ``block`` is the one thing ConvNeXt V1 changes (:mod:`.convnext`); extra keyword
+    arguments go to it.
     """
 
+    block: Callable[..., nn.Module] = Block
     head_prefixes = ("norm.", "head.")  # not part of an FCMAE encoder; fine-tuning starts them fresh
 
     def __init__(self, depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
                  in_chans: int = 3, num_classes: int = 1000, drop_path_rate: float = 0.0,
-                 head_init_scale: float = 1.0, kernel_size: int = 7) -> None:
+                 head_init_scale: float = 1.0, kernel_size: int = 7, **block_kwargs) -> None:
         super().__init__()
-        self.depths, self.dims = tuple(depths), tuple(dims)
-        self.num_features = dims[-1]
-        self.patch_size = STEM_STRIDE * 2 ** (len(dims) - 1)
-        self.downsample_layers = nn.ModuleList([_make_stem(in_chans, dims[0])])
-        for i in range(1, len(dims)):
-            self.downsample_layers.append(nn.Sequential(
-                LayerNorm2d(dims[i - 1], eps=1e-6),
-                nn.Conv2d(dims[i - 1], dims[i], kernel_size=2, stride=2)))
-        self.stages = nn.ModuleList(
-            BlockSequence(*[Block(dim, rate, kernel_size) for rate in rates])          # all see one keep mask
-            for dim, rates in zip(dims, drop_path_rates(depths, drop_path_rate)))
+        self._set_shape(depths, dims)
+        self.downsample_layers = downsample_layers(in_chans, dims, LayerNorm2d, nn.Conv2d)
+        self.stages = stages(self.block, depths, dims, drop_path_rate, kernel_size=kernel_size, **block_kwargs)
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(trunc_normal_init)
@@ -112,8 +141,8 @@ class ConvNeXtV2(GradCheckpointing, nn.Module):
 
         'single': every block its own id, a downsample layer shares the id of the first block
         after it. 'group' (official recipe for base/large, depths 3,3,27,3): twelve groups —
-        stage 0 → 1, stage 1 → 2, stage 2 in runs of three blocks → 3…11, stage 3 → 12, with
-        the stem at 0 and downsample layers 1, 2 joining their stages' first group.
+        stage 0 → 1, stage 1 → 2, stage 2 in runs of three blocks → 3…11, stage 3 → 12; a
+        downsample layer joins the first group of its stage (the stem: 0).
         """
         parts = param_name.split(".")
         if parts[0] not in ("downsample_layers", "stages"):
@@ -122,17 +151,14 @@ class ConvNeXtV2(GradCheckpointing, nn.Module):
         if decay_type == "single":
             block = int(parts[2]) if parts[0] == "stages" else 0
             return sum(self.depths[:stage]) + block + 1
-        if parts[0] == "downsample_layers":
-            return {0: 0, 1: 2, 2: 3}.get(stage, 12)
-        if stage < 2:
-            return stage + 1
-        return 3 + int(parts[2]) // 3 if stage == 2 else 12
+        if parts[0] == "downsample_layers" and stage == 0:
+            return 0
+        block = int(parts[2]) if parts[0] == "stages" else 0
+        return (1, 2, 3 + block // 3, 12)[stage]
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, 3, H, W) → (B, C_last, H/32, W/32). ``mask`` (B, L): 1 = removed patch."""
-        strides = [STEM_STRIDE * 2 ** i for i in range(len(self.stages))]
-        keeps = ([keep.unsqueeze(1).type_as(x) for keep in keep_maps(mask, x.shape[-2:], self.patch_size, strides)]
-                 if mask is not None else [None] * len(self.stages))
+        keeps = stage_keeps(mask, x, self.feature_strides, channel_dim=1)
         for downsample, stage, keep in zip(self.downsample_layers, self.stages, keeps):
             x = apply_keep(downsample(x), keep)
             x = stage(x, keep)
@@ -167,36 +193,32 @@ class SparseBlock(nn.Module):
         return snn.add(x, self.drop_path(out))
 
 
-class SparseConvNeXtV2(GradCheckpointing, nn.Module):
+class SparseConvNeXtV2(ConvNeXtShape, GradCheckpointing, nn.Module):
     """FCMAE encoder: dense stem, then only visible sites are computed.
 
     ``forward(imgs, mask)``: imgs (B, 3, H, W), mask (B, L) with 1 = removed patch →
     (B, C_last, H/32, W/32) features, zero at removed patches. Keys match the ``encoder.*``
-    part of official FCMAE checkpoints (no final norm, no head).
+    part of official FCMAE checkpoints (no final norm, no head). ``block`` as in
+    :class:`ConvNeXtV2`.
     """
+
+    block: Callable[..., nn.Module] = SparseBlock
 
     def __init__(self, depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
                  in_chans: int = 3, drop_path_rate: float = 0.0, kernel_size: int = 7,
-                 backend: str = "torch", grn_batch_stats: bool = False) -> None:
+                 backend: str = "torch", **block_kwargs) -> None:
         super().__init__()
         sparse_ops.get_backend(backend)  # fail early on an unknown or missing backend
         self.backend = backend
-        self.depths, self.dims = tuple(depths), tuple(dims)
-        self.num_features = dims[-1]
-        self.patch_size = STEM_STRIDE * 2 ** (len(dims) - 1)
-        self.downsample_layers = nn.ModuleList([_make_stem(in_chans, dims[0])])
-        for i in range(1, len(dims)):
-            self.downsample_layers.append(nn.Sequential(
-                snn.LayerNorm(dims[i - 1], eps=1e-6), snn.Conv2d(dims[i - 1], dims[i], 2, 2)))
-        self.stages = nn.ModuleList(
-            BlockSequence(*[SparseBlock(dim, rate, kernel_size, grn_batch_stats) for rate in rates])
-            for dim, rates in zip(dims, drop_path_rates(depths, drop_path_rate)))
+        self._set_shape(depths, dims)
+        self.downsample_layers = downsample_layers(in_chans, dims, snn.LayerNorm, snn.Conv2d)
+        self.stages = stages(self.block, depths, dims, drop_path_rate, kernel_size=kernel_size, **block_kwargs)
         self.apply(trunc_normal_init)
 
     def forward(self, imgs: Tensor, mask: Tensor) -> Tensor:
-        stem = self.downsample_layers[0](imgs)                             # (B, C0, H/4, W/4)
-        visible = keep_maps(mask, imgs.shape[-2:], self.patch_size, [STEM_STRIDE])[0] > 0
-        x = sparse_ops.SparseImage.from_dense(stem, visible, STEM_STRIDE, self.backend)
+        stem_out = self.downsample_layers[0](imgs)                         # (B, C0, H/4, W/4)
+        visible = stage_keeps(mask, imgs, self.feature_strides, channel_dim=1)[0][:, 0] > 0
+        x = sparse_ops.SparseImage.from_dense(stem_out, visible, STEM_STRIDE, self.backend)
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = self.downsample_layers[i](x)
@@ -204,11 +226,59 @@ class SparseConvNeXtV2(GradCheckpointing, nn.Module):
         return x.dense()                                                   # (B, C, h, w)
 
 
-def _register_sizes() -> None:
-    for size, (depths, dims) in CONVNEXTV2_SIZES.items():
-        register_model(f"convnextv2_{size}",
-                       partial(ConvNeXtV2, depths=depths, dims=dims),
-                       partial(SparseConvNeXtV2, depths=depths, dims=dims))
+def checkpoint_filter_fn(state: StateDict, model: nn.Module) -> StateDict:
+    """FCMAE encoder weights (sparse layers, official MinkowskiEngine layout) → ``model``'s
+    dense layout (official): sparse kernels become conv weights, sparse-layer wrappers drop
+    out of the keys (:func:`sparse_ops.layout.sparse_to_dense_state_dict`), and (1, C) biases
+    and GRN parameters take the dense model's shapes. Shared by ConvNeXt V1 and V2."""
+    dense = sparse_to_dense_state_dict(state)
+    target = model.state_dict()
+    return {key: _reshaped_like(value, target.get(key)) for key, value in dense.items()}
 
 
-_register_sizes()
+# Official dense key → timm key, applied in order (first match wins), then block-level renames.
+_TIMM_RULES: tuple[tuple[str, str], ...] = (
+    (r"^downsample_layers\.0\.", "stem."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^head\.", "head.fc."),
+    (r"^norm\.", "head.norm."),
+)
+_TIMM_BLOCK_RULES: tuple[tuple[str, str], ...] = (
+    (r"\.dwconv\.", ".conv_dw."),
+    (r"\.pwconv1\.", ".mlp.fc1."),
+    (r"\.pwconv2\.", ".mlp.fc2."),
+    (r"\.grn\.gamma$", ".mlp.grn.weight"),
+    (r"\.grn\.beta$", ".mlp.grn.bias"),
+)
+
+
+def timm_filter_fn(dense: StateDict, timm_model: nn.Module) -> StateDict:
+    """Official dense ConvNeXt (V1 or V2) keys → timm ``convnext_*``/``convnextv2_*`` keys,
+    each tensor in the shape ``timm_model`` has (small sizes keep the MLP as 1×1 convs there,
+    GRN parameters are (C,))."""
+    target = timm_model.state_dict()
+    timm_state: StateDict = {}
+    for key, value in dense.items():
+        for pattern, replacement in _TIMM_RULES:
+            new_key = re.sub(pattern, replacement, key)
+            if new_key != key:
+                key = new_key
+                break
+        for pattern, replacement in _TIMM_BLOCK_RULES:
+            key = re.sub(pattern, replacement, key)
+        timm_state[key] = _reshaped_like(value, target.get(key))
+    return timm_state
+
+
+def _reshaped_like(value: Tensor, reference: Tensor | None) -> Tensor:
+    """``value`` in ``reference``'s shape where both hold as many numbers (a classifier of
+    another class count stays as it is, for the loader to report)."""
+    return value.reshape(reference.shape) if reference is not None and value.numel() == reference.numel() else value
+
+
+register_family(EncoderFamily(
+    name="convnextv2",
+    sizes={size: dict(depths=depths, dims=dims) for size, (depths, dims) in CONVNEXTV2_SIZES.items()},
+    dense=ConvNeXtV2, encoder=SparseConvNeXtV2, checkpoint_filter_fn=checkpoint_filter_fn,
+    timm_filter_fn=timm_filter_fn))

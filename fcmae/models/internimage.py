@@ -31,9 +31,18 @@ from torch import Tensor, nn
 from sparse_ops import ActiveSites
 
 from ..masking import keep_maps
-from .dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, check_impl, dcnv3_sample
-from .layers import GradCheckpointing, apply_keep, drop_path_rates, run_block, scale_head_init, trunc_normal_init
-from .registry import masked_dense_encoder, register_model
+from .dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, available_impls, check_impl, dcnv3_sample
+from .layers import (
+    GradCheckpointing,
+    apply_keep,
+    drop_path_rates,
+    run_block,
+    scale_head_init,
+    stage_keeps,
+    stage_strides,
+    trunc_normal_init,
+)
+from .registry import EncoderFamily, FamilyOption, masked_dense_encoder, register_family
 
 _H_EXTRAS = dict(dw_kernel_size=5, res_post_norm=True, center_feature_scale=True,
                  level2_post_norm_ids=(5, 11, 17, 23, 29), clip_projector=True)
@@ -47,7 +56,6 @@ INTERNIMAGE_SIZES: dict[str, dict] = {
                post_norm=True, offset_scale=2.0),
     "h": dict(channels=320, depths=(6, 6, 32, 6), groups=(10, 20, 40, 80), **_H_EXTRAS),
 }
-STEM_STRIDE = 4
 
 
 class ToChannelsLast(nn.Module):
@@ -320,7 +328,8 @@ class InternImage(GradCheckpointing, nn.Module):
         self.packed_masked = packed_masked
         self.depths = tuple(depths)
         self.num_features = channels * 2 ** (len(depths) - 1)
-        self.patch_size = STEM_STRIDE * 2 ** (len(depths) - 1)
+        self.feature_strides = stage_strides(len(depths))
+        self.patch_size = self.feature_strides[-1]
         self.patch_embed = StemEmbed(in_chans, channels)
         rates = drop_path_rates(depths, drop_path_rate)
         block_options = dict(layer_scale=layer_scale, post_norm=post_norm, offset_scale=offset_scale,
@@ -355,20 +364,14 @@ class InternImage(GradCheckpointing, nn.Module):
         self.fc_norm = _layer_norm(clip_dim)
         self.head = nn.Linear(clip_dim, num_classes)
 
-    def _keeps(self, x: Tensor, mask: Tensor | None) -> list[Tensor | None]:
-        if mask is None:
-            return [None] * len(self.levels)
-        strides = [STEM_STRIDE * 2 ** i for i in range(len(self.levels))]
-        return [keep.unsqueeze(-1).type_as(x) for keep in keep_maps(mask, x.shape[-2:], self.patch_size, strides)]
-
     def _grids(self, x: Tensor, mask: Tensor | None) -> list[Grid]:
         """Per level: plain dense, masked-dense, or packed visible sites (``packed_masked``
         and every image keeping the same number of patches, as FCMAE masks do)."""
-        keeps = self._keeps(x, mask)
+        keeps = stage_keeps(mask, x, self.feature_strides, channel_dim=-1)
         if mask is None or not self.packed_masked or not bool((mask.sum(1) == mask[0].sum()).all()):
             return [DenseGrid(keep) for keep in keeps]
-        return [PackedGrid(ActiveSites.from_mask(keep[..., 0] > 0, STEM_STRIDE * 2 ** i))
-                for i, keep in enumerate(keeps)]
+        return [PackedGrid(ActiveSites.from_mask(keep[..., 0] > 0, stride))
+                for keep, stride in zip(keeps, self.feature_strides)]
 
     def forward_levels(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """(B, 3, H, W) → every level's output (B, H_i, W_i, C_i) (after its norm, before its
@@ -415,24 +418,32 @@ class InternImage(GradCheckpointing, nn.Module):
             return sum(self.depths[:level + 1])      # level norm / downsample: with its last block
         return sum(self.depths) + 1
 
+    def no_weight_decay(self) -> set[str]:
+        """None beyond 1-D parameters and biases: every weight matrix, DCNv3 offsets included, is decayed."""
+        return set()
 
-def dcn_options(model_name: str, dcn_impl: str | None, device_type: str) -> dict:
-    """Constructor kwargs for a ``--dcn-impl`` choice: none when unset; InternImage models
-    only, and only implementations that run on ``device_type``."""
-    if dcn_impl is None:
-        return {}
-    if not model_name.startswith("internimage"):
-        raise ValueError(f"--dcn-impl applies to InternImage models only, not {model_name}")
+
+def dcn_impl_kwargs(dcn_impl: str, device_type: str) -> dict:
+    """Constructor kwargs for ``--dcn-impl``: only implementations that run on ``device_type``."""
     if dcn_impl not in available_impls(device_type):
         raise ValueError(f"--dcn-impl {dcn_impl} does not run on {device_type} here; "
                          f"choose one of {', '.join(available_impls(device_type))}")
     return {"dcn_impl": dcn_impl}
 
 
-def _register_sizes() -> None:
-    for size, config in INTERNIMAGE_SIZES.items():
-        register_model(f"internimage_{size}", partial(InternImage, **config),
-                       partial(masked_dense_encoder, InternImage, **config))
+def benchmark_variants(device_type: str) -> dict[str, dict]:
+    """``masked``: every site computed and re-masked; ``packed``: pointwise layers on visible
+    sites only (the FCMAE default); ``dense-IMPL``/``packed-IMPL`` for each other DCNv3
+    implementation that runs on ``device_type``."""
+    variants: dict[str, dict] = {"masked": {"packed_masked": False}, "packed": {}}
+    for impl in available_impls(device_type):
+        if impl != DEFAULT_DCNV3_IMPL:
+            variants |= {f"dense-{impl}": {"dcn_impl": impl}, f"packed-{impl}": {"dcn_impl": impl}}
+    return variants
 
 
-_register_sizes()
+register_family(EncoderFamily(
+    name="internimage", sizes=INTERNIMAGE_SIZES, dense=InternImage, encoder=partial(masked_dense_encoder, InternImage),
+    options=(FamilyOption("--dcn-impl", f"DCNv3 sampling (default {DEFAULT_DCNV3_IMPL}); 'triton': fused Triton "
+                          "kernels, CUDA only", DCNV3_IMPLS, dcn_impl_kwargs),),
+    sparse_encoder=False, benchmark_variants=benchmark_variants))

@@ -10,6 +10,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..masking import keep_maps
+
+STEM_STRIDE = 4   # every family here starts with a stride-4 patchify stem, then halves per stage
+
+
+def stage_strides(num_stages: int) -> tuple[int, ...]:
+    """Output stride of each stage: (4, 8, 16, 32) for four stages; the last is the FCMAE patch size."""
+    return tuple(STEM_STRIDE * 2 ** i for i in range(num_stages))
+
+
+def stage_keeps(mask: Tensor | None, images: Tensor, strides: Sequence[int], channel_dim: int) -> list[Tensor | None]:
+    """Per stage the broadcastable keep map of a patch ``mask`` (B, L) (1 = removed) for
+    ``images`` (B, 3, H, W): (B, 1, H/s, W/s) with ``channel_dim=1`` (channels-first maps),
+    (B, H/s, W/s, 1) with ``channel_dim=-1`` (channels-last), in ``images``' dtype; 1 at the
+    sites of kept patches. ``[None] * len(strides)`` (no masking) when ``mask`` is None."""
+    if mask is None:
+        return [None] * len(strides)
+    return [keep.unsqueeze(channel_dim).type_as(images)
+            for keep in keep_maps(mask, images.shape[-2:], strides[-1], strides)]
+
 
 def apply_keep(x: Tensor, keep: Tensor | None) -> Tensor:
     """``x`` zeroed where the broadcastable ``keep`` map is 0 (removed patches); ``x`` itself

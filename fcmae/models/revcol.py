@@ -22,9 +22,18 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ..masking import keep_maps
-from .layers import BlockSequence, LayerNorm2d, apply_keep, drop_path_rates, scale_head_init, trunc_normal_init
-from .registry import masked_dense_encoder, register_model
+from .layers import (
+    STEM_STRIDE,
+    BlockSequence,
+    LayerNorm2d,
+    apply_keep,
+    drop_path_rates,
+    scale_head_init,
+    stage_keeps,
+    stage_strides,
+    trunc_normal_init,
+)
+from .registry import EncoderFamily, masked_dense_encoder, register_family
 
 # name: (channels, blocks per level, columns)
 REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
@@ -35,7 +44,6 @@ REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
     "xl": ((224, 448, 896, 1792), (1, 2, 6, 2), 8),
 }
 
-STEM_STRIDE = 4
 Masks = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]  # keep (B,1,h,w) per level
 
 
@@ -283,7 +291,8 @@ class RevCol(nn.Module):
         self.channels, self.layers, self.num_subnet = tuple(channels), tuple(layers), num_subnet
         self.reversible = reversible
         self.num_features = channels[-1]
-        self.patch_size = STEM_STRIDE * 2 ** 3
+        self.feature_strides = stage_strides(len(channels))
+        self.patch_size = self.feature_strides[-1]
         self.stem = nn.Sequential(nn.Conv2d(in_chans, channels[0], STEM_STRIDE, stride=STEM_STRIDE),
                                   LayerNorm2d(channels[0], eps=1e-6))
         rates = [rate for level in drop_path_rates(layers, drop_path_rate) for rate in level]   # flat, by block
@@ -302,16 +311,9 @@ class RevCol(nn.Module):
         self.apply(trunc_normal_init)
         scale_head_init(heads if num_classes > 0 else [], head_init_scale)
 
-    def _keeps(self, x: Tensor, mask: Tensor | None) -> Masks:
-        if mask is None:
-            return (None, None, None, None)
-        strides = [STEM_STRIDE * 2 ** i for i in range(4)]
-        return tuple(keep.unsqueeze(1).type_as(x)
-                     for keep in keep_maps(mask, x.shape[-2:], self.patch_size, strides))
-
     def forward_columns(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
         """(B, 3, H, W) → the last column's [c0, c1, c2, c3] (strides 4…32)."""
-        keeps = self._keeps(x, mask)
+        keeps = tuple(stage_keeps(mask, x, self.feature_strides, channel_dim=1))
         x = apply_keep(self.stem(x), keeps[0])
         columns: list[Tensor | None] = [None] * 4
         for k in range(self.num_subnet):
@@ -355,11 +357,14 @@ class RevCol(nn.Module):
             return int(param_name.split(".")[0][len("subnet"):]) + 1
         return self.num_subnet + 1
 
+    def no_weight_decay(self) -> set[str]:
+        """None beyond 1-D parameters and biases: the column weights ``alpha*`` (1, C, 1, 1) are
+        decayed, as in the official RevCol training code (its optimizer exempts 1-D tensors only)."""
+        return set()
 
-def _register_sizes() -> None:
-    for size, (channels, layers, columns) in REVCOL_SIZES.items():
-        config = dict(channels=channels, layers=layers, num_subnet=columns)
-        register_model(f"revcol_{size}", partial(RevCol, **config), partial(masked_dense_encoder, RevCol, **config))
 
-
-_register_sizes()
+register_family(EncoderFamily(
+    name="revcol", sizes={size: dict(channels=channels, layers=layers, num_subnet=columns)
+                          for size, (channels, layers, columns) in REVCOL_SIZES.items()},
+    dense=RevCol, encoder=partial(masked_dense_encoder, RevCol), sparse_encoder=False,
+    benchmark_variants=lambda device_type: {"masked-plain": {"reversible": False}}))   # ordinary autograd, for memory

@@ -1,0 +1,81 @@
+"""The run builder: what pretraining and fine-tuning set up alike — the learning rate from the
+effective batch, AdamW and the loss scaler, resuming, DDP and ``torch.compile`` wrapping, and
+the logged call of :func:`~fcmae.engine.fit`."""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from . import distributed
+from .engine import Callbacks, LossFn, RunInfo, TrainingConfig, TrainingRun, fit, make_scaler
+from .logger import RunLogger
+from .models.layers import enable_grad_checkpointing
+from .models.registry import family_kwargs
+
+log = logging.getLogger(__name__)
+
+
+def model_kwargs(args: argparse.Namespace, device: torch.device) -> dict:
+    """Constructor kwargs from the model family's own flags (e.g. ``--dcn-impl``)."""
+    return family_kwargs(args.model, args, device.type)
+
+
+def scale_lr(args: argparse.Namespace, world_size: int) -> int:
+    """Set ``args.lr = blr · effective batch / 256`` unless ``--lr`` was given; returns the
+    effective batch (per-process batch × accumulation × processes)."""
+    effective_batch = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * effective_batch / 256
+    return effective_batch
+
+
+def start_training(args: argparse.Namespace, model: nn.Module, param_groups: list[dict], device: torch.device,
+                   betas: Sequence[float] = (0.9, 0.999), extra_state: dict | None = None,
+                   before_wrap: Callable[[TrainingRun], None] | None = None) -> TrainingRun:
+    """AdamW on ``param_groups`` at ``args.lr``, the loss scaler, the state of a checkpoint
+    found by ``--resume`` (``extra_state``: more modules it restores, e.g. EMA), then the
+    DDP/compiled wrapper. ``before_wrap(run)`` runs on the bare model first (e.g. ``--init``).
+    ``run.start_epoch >= args.epochs`` when the checkpoint already holds the whole run."""
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(getattr(model, "encoder", model), args.model)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=tuple(betas))
+    run = TrainingRun(model, model, optimizer, make_scaler(args.amp, device), device)
+    run.resume_path = ckpt.find_resume(args.resume, Path(args.output_dir))
+    if run.resume_path is not None:
+        run.start_epoch, run.step = ckpt.resume_training(run.resume_path, model, optimizer, run.scaler, args.model,
+                                                         distributed.rank(), distributed.world_size(), extra_state)
+        log.info(f"resumed from {run.resume_path}: epoch {run.start_epoch}, step {run.step}")
+        if run.start_epoch >= args.epochs:
+            log.info(f"{run.resume_path} already holds all {args.epochs} epochs; raise --epochs to train longer")
+            return run
+    if before_wrap is not None:
+        before_wrap(run)
+    if distributed.world_size() > 1:
+        run.train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        run.train_model = torch.compile(run.train_model, dynamic=False)  # every step has the same shapes
+    return run
+
+
+def train(run: TrainingRun, args: argparse.Namespace, loader, loss_fn: LossFn,
+          make_callbacks: Callable[[RunLogger], Callbacks] | None = None) -> Path:
+    """:func:`~fcmae.engine.fit` with the schedule of ``args``, TensorBoard/JSON logging
+    (``--log-dir``, main process only) and checkpoints in ``--output-dir``; ``make_callbacks(logger)``
+    gives the hooks. Returns the path of the last checkpoint."""
+    output_dir = Path(args.output_dir)
+    logger = RunLogger(Path(args.log_dir) if args.log_dir else output_dir, enabled=distributed.is_main_process(),
+                       resume_step=run.step if run.resume_path is not None else None)
+    config = TrainingConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
+                            accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=args.amp)
+    try:
+        return fit(run, loader, loss_fn, config, RunInfo(args.model, args, output_dir, args.save_every), logger,
+                   make_callbacks(logger) if make_callbacks else None)
+    finally:
+        logger.close()
