@@ -42,6 +42,20 @@ def test_converted_random_fcmae_reproduces_sparse_features(official_style_checkp
     assert verify(model.state_dict(), dense_state, name, fmt) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["convnextv2_tiny", "convnext_atto", "convnext_tiny"])
+def test_each_convnext_family_and_mlp_form_converts_to_both_layouts(name):
+    """V1 and V2, 1×1-conv (atto) and Linear (tiny) MLPs in timm: the name is inferred from the
+    weights, both layouts reproduce the sparse encoder, timm's model misses only its head."""
+    model = randomize_(fcmae.create_fcmae(name, decoder_dim=16), std=0.05)
+    for fmt in ("official", "timm"):
+        dense_state, inferred = convert_state(model.state_dict(), fmt=fmt)
+        assert inferred == name
+        assert verify(model.state_dict(), dense_state, name, fmt, input_size=64) < 1e-4
+    missing, unexpected = timm.create_model(name, pretrained=False).load_state_dict(dense_state, strict=False)
+    assert unexpected == [] and sorted(missing) == ["head.fc.bias", "head.fc.weight", "head.norm.bias",
+                                                    "head.norm.weight"]
+
+
 def test_timm_layout_loads_into_timm_apart_from_head(official_style_checkpoint):
     _, model = official_style_checkpoint
     dense_state, _ = convert_state(model.state_dict(), fmt="timm")

@@ -5,6 +5,7 @@ import torch
 import fcmae
 from fcmae.convert import dense_to_timm, encoder_to_dense
 from fcmae.masking import random_masks
+from fcmae.models.convnext import CONVNEXT_SIZES
 from fcmae.models.convnextv2 import CONVNEXTV2_SIZES
 
 from .helpers import assert_close, assert_param_count, randomize_
@@ -19,8 +20,16 @@ def test_parameter_count_within_one_percent_of_paper(size):
     assert_param_count(f"convnextv2_{size}", PUBLISHED_PARAMS_M[size])
 
 
-def official_dense_shapes(depths, dims, num_classes=1000, kernel=7):
-    """Key → shape of an official dense ConvNeXt V2 checkpoint, written from its documented layout."""
+@pytest.mark.parametrize("size", list(CONVNEXT_SIZES))
+def test_convnext_v1_parameter_count_equals_timm(size):
+    with torch.device("meta"):
+        ours, theirs = fcmae.create_model(f"convnext_{size}"), timm.create_model(f"convnext_{size}")
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+def official_dense_shapes(depths, dims, num_classes=1000, kernel=7, grn=True):
+    """Key → shape of an official dense ConvNeXt V2 (``grn``) or V1 checkpoint, written from
+    their documented layouts."""
     shapes = {"downsample_layers.0.0.weight": (dims[0], 3, 4, 4), "downsample_layers.0.0.bias": (dims[0],),
               "downsample_layers.0.1.weight": (dims[0],), "downsample_layers.0.1.bias": (dims[0],)}
     for i in range(1, 4):
@@ -34,15 +43,17 @@ def official_dense_shapes(depths, dims, num_classes=1000, kernel=7):
             shapes |= {p + "dwconv.weight": (dim, 1, kernel, kernel), p + "dwconv.bias": (dim,),
                        p + "norm.weight": (dim,), p + "norm.bias": (dim,),
                        p + "pwconv1.weight": (4 * dim, dim), p + "pwconv1.bias": (4 * dim,),
-                       p + "grn.gamma": (1, 1, 1, 4 * dim), p + "grn.beta": (1, 1, 1, 4 * dim),
                        p + "pwconv2.weight": (dim, 4 * dim), p + "pwconv2.bias": (dim,)}
+            shapes |= ({p + "grn.gamma": (1, 1, 1, 4 * dim), p + "grn.beta": (1, 1, 1, 4 * dim)} if grn
+                       else {p + "gamma": (dim,)})
     shapes |= {"norm.weight": (dims[-1],), "norm.bias": (dims[-1],),
                "head.weight": (num_classes, dims[-1]), "head.bias": (num_classes,)}
     return shapes
 
 
-def official_fcmae_encoder_shapes(depths, dims, kernel=7):
-    """Key → shape of the ``encoder.*`` part of an official FCMAE (MinkowskiEngine) checkpoint."""
+def official_fcmae_encoder_shapes(depths, dims, kernel=7, grn=True):
+    """Key → shape of the ``encoder.*`` part of an official FCMAE (MinkowskiEngine) checkpoint
+    (V2, ``grn``), or of our V1 sparse encoder (the same layout with ``gamma`` instead of GRN)."""
     shapes = {"downsample_layers.0.0.weight": (dims[0], 3, 4, 4), "downsample_layers.0.0.bias": (dims[0],),
               "downsample_layers.0.1.weight": (dims[0],), "downsample_layers.0.1.bias": (dims[0],)}
     for i in range(1, 4):
@@ -56,8 +67,8 @@ def official_fcmae_encoder_shapes(depths, dims, kernel=7):
             shapes |= {p + "dwconv.kernel": (kernel * kernel, dim), p + "dwconv.bias": (1, dim),
                        p + "norm.ln.weight": (dim,), p + "norm.ln.bias": (dim,),
                        p + "pwconv1.linear.weight": (4 * dim, dim), p + "pwconv1.linear.bias": (4 * dim,),
-                       p + "grn.gamma": (1, 4 * dim), p + "grn.beta": (1, 4 * dim),
                        p + "pwconv2.linear.weight": (dim, 4 * dim), p + "pwconv2.linear.bias": (dim,)}
+            shapes |= {p + "grn.gamma": (1, 4 * dim), p + "grn.beta": (1, 4 * dim)} if grn else {p + "gamma": (dim,)}
     return shapes
 
 
@@ -65,14 +76,16 @@ def shapes_of(state_dict):
     return {key: tuple(value.shape) for key, value in state_dict.items()}
 
 
+@pytest.mark.parametrize("family,sizes", [("convnextv2", CONVNEXTV2_SIZES), ("convnext", CONVNEXT_SIZES)])
 @pytest.mark.parametrize("size", ["atto", "tiny"])
-def test_state_dict_layouts_are_official(size):
-    depths, dims = CONVNEXTV2_SIZES[size]
+def test_state_dict_layouts_are_official(family, sizes, size):
+    depths, dims = sizes[size]
     with torch.device("meta"):
-        dense = fcmae.create_model(f"convnextv2_{size}")
-        encoder = fcmae.create_encoder(f"convnextv2_{size}")
-    assert shapes_of(dense.state_dict()) == official_dense_shapes(depths, dims)
-    assert shapes_of(encoder.state_dict()) == official_fcmae_encoder_shapes(depths, dims)
+        dense = fcmae.create_model(f"{family}_{size}")
+        encoder = fcmae.create_encoder(f"{family}_{size}")
+    grn = family == "convnextv2"
+    assert shapes_of(dense.state_dict()) == official_dense_shapes(depths, dims, grn=grn)
+    assert shapes_of(encoder.state_dict()) == official_fcmae_encoder_shapes(depths, dims, grn=grn)
 
 
 def converted_dense(encoder, name):
@@ -84,17 +97,18 @@ def converted_dense(encoder, name):
     return dense
 
 
-CASES = [  # (size, mask_ratio, batch, image side)
-    ("atto", 0.6, 2, 64),
-    ("atto", 0.75, 3, 96),
-    ("femto", 0.3, 1, 128),
-    ("nano", 0.5, 2, 64),
+CASES = [  # (model, mask_ratio, batch, image side)
+    ("convnextv2_atto", 0.6, 2, 64),
+    ("convnextv2_atto", 0.75, 3, 96),
+    ("convnextv2_femto", 0.3, 1, 128),
+    ("convnextv2_nano", 0.5, 2, 64),
+    ("convnext_atto", 0.6, 2, 64),
+    ("convnext_femto", 0.3, 3, 96),
 ]
 
 
-@pytest.mark.parametrize("size,mask_ratio,batch,side", CASES)
-def test_sparse_encoder_equals_masked_dense_outputs_and_gradients(size, mask_ratio, batch, side):
-    name = f"convnextv2_{size}"
+@pytest.mark.parametrize("name,mask_ratio,batch,side", CASES)
+def test_sparse_encoder_equals_masked_dense_outputs_and_gradients(name, mask_ratio, batch, side):
     encoder = randomize_(fcmae.create_encoder(name))
     dense = converted_dense(encoder, name)
     imgs = torch.randn(batch, 3, side, side)
@@ -106,21 +120,24 @@ def test_sparse_encoder_equals_masked_dense_outputs_and_gradients(size, mask_rat
     (sparse_out * weights).sum().backward()
     (dense_out * weights).sum().backward()
     sparse_grads = encoder_to_dense({k: p.grad for k, p in encoder.named_parameters()}, name)
-    for key, param in dense.named_parameters():
-        if key in sparse_grads:
-            assert_close(sparse_grads[key], param.grad, rtol=2e-4)
+    body = {key: param for key, param in dense.named_parameters() if not key.startswith(dense.head_prefixes)}
+    assert sparse_grads.keys() == body.keys()
+    for key, param in body.items():
+        assert_close(sparse_grads[key], param.grad, rtol=2e-4)
 
 
-def test_mask_ratio_zero_equals_plain_dense_model():
-    encoder = randomize_(fcmae.create_encoder("convnextv2_atto"))
-    dense = converted_dense(encoder, "convnextv2_atto")
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnext_atto"])
+def test_mask_ratio_zero_equals_plain_dense_model(name):
+    encoder = randomize_(fcmae.create_encoder(name))
+    dense = converted_dense(encoder, name)
     imgs = torch.randn(2, 3, 64, 96)                       # non-square works too
     no_mask = torch.zeros(2, 2 * 3)
     assert_close(encoder(imgs, no_mask), dense.forward_features(imgs))
 
 
-def test_masked_sites_are_zero_and_removed_pixels_do_not_leak():
-    encoder = randomize_(fcmae.create_encoder("convnextv2_atto"))
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnext_atto"])
+def test_masked_sites_are_zero_and_removed_pixels_do_not_leak(name):
+    encoder = randomize_(fcmae.create_encoder(name))
     imgs = torch.randn(2, 3, 96, 96)
     mask = random_masks(2, 9, 0.6)
     out = encoder(imgs, mask)
@@ -131,10 +148,12 @@ def test_masked_sites_are_zero_and_removed_pixels_do_not_leak():
     assert torch.equal(encoder(altered, mask), out)
 
 
-def test_dense_model_matches_timm_implementation():
-    model = randomize_(fcmae.create_model("convnextv2_atto", num_classes=10)).eval()
-    reference = timm.create_model("convnextv2_atto", pretrained=False, num_classes=10).eval()
-    reference.load_state_dict(dense_to_timm(model.state_dict(), "convnextv2_atto"), strict=True)
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny", "convnext_atto", "convnext_tiny"])
+def test_dense_model_matches_timm_implementation(name):
+    """atto keeps the MLP as 1×1 convs in timm, tiny as Linear layers: both layouts are written."""
+    model = randomize_(fcmae.create_model(name, num_classes=10)).eval()
+    reference = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    reference.load_state_dict(dense_to_timm(model.state_dict(), name), strict=True)
     imgs = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_close(model(imgs), reference(imgs))

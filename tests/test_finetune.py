@@ -147,7 +147,8 @@ def test_layer_decay_groups_follow_official_ids():
     assert decay[id(params["stages.0.0.grn.gamma"])] == 0.0 and decay[id(params["head.weight"])] == 0.05
 
 
-@pytest.mark.parametrize("name,extra", [("revcol_t", []), ("internimage_t", ["--grad-checkpointing"])])
+@pytest.mark.parametrize("name,extra", [("revcol_t", []), ("internimage_t", ["--grad-checkpointing"]),
+                                        ("convnext_atto", ["--grad-checkpointing"])])
 def test_other_encoder_families_fine_tune_from_fcmae_weights(name, extra, labeled_folder, tmp_path):
     model = fcmae.create_fcmae(name, decoder_dim=32)
     dense, found = convert_state(model.state_dict())
@@ -159,6 +160,8 @@ def test_other_encoder_families_fine_tune_from_fcmae_weights(name, extra, labele
                             "--layer-decay", "0.8"] + extra) == 0
     trained = load_checkpoint(out / "checkpoint-last.pth")["model"]
     assert set(dense) < set(trained)
+    # one small step from the pretrained weights, not from a fresh init
+    assert all(torch.allclose(trained[key], value, atol=1e-2) for key, value in dense.items())
 
 
 def test_two_epochs_equal_one_plus_one_with_resume(labeled_folder, pretrained, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """Architectures. Importing this package registers every family (one model file each)."""
-from . import convnextv2, internimage, revcol  # noqa: F401  (registers every family)
+from . import convnext, convnextv2, internimage, revcol  # noqa: F401  (registers every family)
 from .registry import (
     DenseModel,
     EncoderFamily,
