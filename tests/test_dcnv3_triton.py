@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fcmae.models.internimage import DCNv3
+from fcmae.models.dcnv3 import DCNv3
 
 pytest.importorskip("triton")
 
@@ -85,10 +85,10 @@ def test_triton_kernels_compile_for_h100(dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fcmae.models import dcnv3_triton
+    from fcmae.models.dcnv3 import triton_kernels
 
-    for kernel in (dcnv3_triton._forward_kernel, dcnv3_triton._backward_kernel):
+    for kernel in (triton_kernels._forward_kernel, triton_kernels._backward_kernel):
         source = ASTSource(fn=kernel, signature=kernel_signature(kernel, dtype),
-                           constexprs={"KERNEL": 3, "BLOCK_ROWS": dcnv3_triton.BLOCK_ROWS, "BLOCK_C": 16})
+                           constexprs={"KERNEL": 3, "BLOCK_ROWS": triton_kernels.BLOCK_ROWS, "BLOCK_C": 16})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"], kernel.fn.__name__

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import fcmae
 from fcmae.convert import convert_state, verify
 from fcmae.masking import random_masks
-from fcmae.models.dcnv3_ops import dcnv3_sample
-from fcmae.models.internimage import INTERNIMAGE_SIZES, DCNv3, InternImage
+from fcmae.models.dcnv3 import DCNv3, dcnv3_sample
+from fcmae.models.internimage import INTERNIMAGE_SIZES, InternImage
 
 from .helpers import assert_no_leakage, assert_param_count, randomize_
 

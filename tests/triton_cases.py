@@ -10,7 +10,7 @@ import os
 import torch
 
 from fcmae.masking import random_masks
-from fcmae.models.dcnv3_ops import dcnv3_sample
+from fcmae.models.dcnv3 import dcnv3_sample
 from fcmae.models.internimage import InternImage
 
 

@@ -22,8 +22,9 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from fcmae.models.dcnv3_ops import DEFAULT_DCNV3_IMPL, available_impls, dcnv3_sample
-from fcmae.models.internimage import INTERNIMAGE_SIZES, STEM_STRIDE
+from fcmae.models.dcnv3 import DEFAULT_DCNV3_IMPL, available_impls, dcnv3_sample
+from fcmae.models.internimage import INTERNIMAGE_SIZES
+from fcmae.models.layers import stage_strides
 from fcmae.profiling import saved_activation_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -83,7 +84,7 @@ def main() -> None:
     print(f"{'level':>5}{'map':>8}{'G':>4}" + "".join(f"{name + ' ms':>21}{'saved MiB':>11}" for name in samplers)
           + "".join(f"{name + ' speed':>24}{'max |diff|':>12}" for name in others))
     for level in range(len(config["depths"])):
-        size = args.input_size // (STEM_STRIDE * 2 ** level)
+        size = args.input_size // stage_strides(level + 1)[-1]
         channels, groups = config["channels"] * 2 ** level, config["groups"][level]
         (value, offset, weight), query_yx = level_inputs(args.batch_size, size, channels, groups,
                                                          1 - args.mask_ratio, dtype, device)

@@ -16,7 +16,7 @@ zero map. ``packed_masked=False`` computes every site and re-masks (:class:`Dens
 both give the same numbers.
 
 ``dcn_impl`` picks the DCNv3 sampling implementation (``grid_sample``, or the fused CUDA
-``triton`` kernels, see :mod:`fcmae.models.dcnv3_ops`); both give the same numbers.
+``triton`` kernels, see :mod:`fcmae.models.dcnv3`); both give the same numbers.
 """
 from __future__ import annotations
 
@@ -31,10 +31,9 @@ from torch import Tensor, nn
 from sparse_ops import ActiveSites
 
 from ..masking import keep_maps
-from .dcnv3_ops import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, available_impls, check_impl, dcnv3_sample
+from .dcnv3 import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, DCNv3, DenseGrid, Grid, PackedGrid, available_impls, layer_norm
 from .layers import (
     GradCheckpointing,
-    apply_keep,
     drop_path_rates,
     run_block,
     scale_head_init,
@@ -56,121 +55,6 @@ INTERNIMAGE_SIZES: dict[str, dict] = {
                post_norm=True, offset_scale=2.0),
     "h": dict(channels=320, depths=(6, 6, 32, 6), groups=(10, 20, 40, 80), **_H_EXTRAS),
 }
-
-
-class ToChannelsLast(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
-class ToChannelsFirst(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)
-
-
-def _layer_norm(dim: int, first_in: bool = False, first_out: bool = False) -> nn.Sequential:
-    """LayerNorm wrapped like the official ``build_norm_layer`` (permutes carry no keys)."""
-    modules: list[nn.Module] = [ToChannelsLast()] if first_in else []
-    modules.append(nn.LayerNorm(dim, eps=1e-6))
-    if first_out:
-        modules.append(ToChannelsFirst())
-    return nn.Sequential(*modules)
-
-
-class DenseGrid:
-    """Features as a (B, H, W, C) map; with ``keep`` (B, H, W, 1) the masked-dense mode,
-    where every map handed to a spatial op is re-masked."""
-
-    def __init__(self, keep: Tensor | None = None) -> None:
-        self.keep = keep
-        self.query_yx = None                                   # every site is a query
-
-    def to_map(self, features: Tensor) -> Tensor:
-        return apply_keep(features, self.keep)
-
-    def from_map(self, grid_map: Tensor) -> Tensor:
-        return grid_map
-
-    def mask(self, features: Tensor) -> Tensor:
-        return apply_keep(features, self.keep)
-
-
-class PackedGrid:
-    """Features of the visible sites only, packed (B, n, C) (every image keeps n sites, as
-    FCMAE guarantees): pointwise layers touch visible sites alone; spatial ops scatter into
-    a zero map and gather back."""
-
-    def __init__(self, sites: ActiveSites) -> None:
-        self.sites = sites
-        self.batch_size, self.count = sites.batch_size, sites.max_count
-        self.query_yx = sites.coords[:, 1:].reshape(self.batch_size, self.count, 2)
-
-    def to_map(self, features: Tensor) -> Tensor:
-        return self.sites.scatter_dense(features.reshape(-1, features.shape[-1]))
-
-    def from_map(self, grid_map: Tensor) -> Tensor:
-        return self.sites.gather_dense(grid_map).reshape(self.batch_size, self.count, -1)
-
-    def mask(self, features: Tensor) -> Tensor:
-        return features
-
-
-Grid = DenseGrid | PackedGrid
-
-
-class DCNv3(nn.Module):
-    """DCNv3 operator on (N, H, W, C): offsets and modulation from a depthwise-conv branch,
-    deformable bilinear sampling of ``input_proj(x)``, then ``output_proj``."""
-
-    def __init__(self, channels: int, groups: int, kernel_size: int = 3, dw_kernel_size: int = 3,
-                 offset_scale: float = 1.0, center_feature_scale: bool = False,
-                 impl: str = DEFAULT_DCNV3_IMPL) -> None:
-        super().__init__()
-        if channels % groups:
-            raise ValueError(f"channels {channels} not divisible by groups {groups}")
-        check_impl(impl)
-        self.groups, self.kernel_size, self.offset_scale = groups, kernel_size, offset_scale
-        self.impl = impl
-        points = kernel_size * kernel_size
-        self.dw_conv = nn.Sequential(
-            nn.Conv2d(channels, channels, dw_kernel_size, padding=dw_kernel_size // 2, groups=channels),
-            _layer_norm(channels, first_in=True), nn.GELU())
-        self.offset = nn.Linear(channels, groups * points * 2)
-        self.mask = nn.Linear(channels, groups * points)           # modulation (official name)
-        self.input_proj = nn.Linear(channels, channels)
-        self.output_proj = nn.Linear(channels, channels)
-        self.center_feature_scale = center_feature_scale
-        if center_feature_scale:   # H/G: blend the output with the centre value, per group
-            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(groups, channels))
-            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(groups))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Offsets and modulation start at zero (a 3×3 box average); projections xavier."""
-        for layer in (self.offset, self.mask):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        for layer in (self.input_proj, self.output_proj):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x: Tensor, grid: Grid | None = None) -> Tensor:
-        """x: features laid out as ``grid`` says ((B, H, W, C) map or packed (B, n, C))."""
-        grid = grid or DenseGrid()
-        value = self.input_proj(x)
-        value_map = grid.to_map(value)                                        # zero where removed
-        conv, norm, act = self.dw_conv
-        query = act(norm[1](grid.from_map(conv(grid.to_map(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))))
-        offset = self.offset(query)
-        weight = self.mask(query).unflatten(-1, (self.groups, -1)).softmax(-1).flatten(-2)
-        out = dcnv3_sample(value_map, offset, weight, self.groups, self.kernel_size,
-                           self.offset_scale, grid.query_yx, impl=self.impl)
-        if self.center_feature_scale:
-            alpha = torch.sigmoid(F.linear(query, self.center_feature_scale_proj_weight,
-                                           self.center_feature_scale_proj_bias))      # (N, H, W, G)
-            alpha = alpha.repeat_interleave(out.shape[-1] // self.groups, dim=-1)
-            out = out * (1 - alpha) + grid.mask(value) * alpha
-        return self.output_proj(out)
 
 
 class Mlp(nn.Module):
@@ -195,10 +79,10 @@ class Block(nn.Module):
                  dcn_impl: str = DEFAULT_DCNV3_IMPL) -> None:
         super().__init__()
         self.post_norm = post_norm
-        self.norm1 = _layer_norm(dim)
+        self.norm1 = layer_norm(dim)
         self.dcn = DCNv3(dim, groups, offset_scale=offset_scale, dw_kernel_size=dw_kernel_size,
                          center_feature_scale=center_feature_scale, impl=dcn_impl)
-        self.norm2 = _layer_norm(dim)
+        self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale is not None:
@@ -207,8 +91,8 @@ class Block(nn.Module):
         self.layer_scale = layer_scale is not None
         self.res_post_norm = res_post_norm
         if res_post_norm:
-            self.res_post_norm1 = _layer_norm(dim)
-            self.res_post_norm2 = _layer_norm(dim)
+            self.res_post_norm1 = layer_norm(dim)
+            self.res_post_norm2 = layer_norm(dim)
 
     def forward(self, x: Tensor, grid: Grid) -> Tensor:
         if self.post_norm:
@@ -223,7 +107,7 @@ class Block(nn.Module):
             branch = self.mlp(self.norm2(x))
             branch = self.res_post_norm2(branch) if self.res_post_norm else branch
         x = x + self.drop_path(self.gamma2 * branch if self.layer_scale else branch)
-        return grid.mask(x)
+        return grid.zero_removed(x)
 
 
 class AttentionPooling(nn.Module):
@@ -236,7 +120,7 @@ class AttentionPooling(nn.Module):
     def __init__(self, dim: int, heads: int, out_dim: int) -> None:
         super().__init__()
         self.heads = heads
-        self.norm1_q, self.norm1_k, self.norm1_v = _layer_norm(dim), _layer_norm(dim), _layer_norm(dim)
+        self.norm1_q, self.norm1_k, self.norm1_v = layer_norm(dim), layer_norm(dim), layer_norm(dim)
         self.cross_dcn = nn.Module()
         for name in ("q", "k", "v"):
             setattr(self.cross_dcn, name, nn.Linear(dim, dim, bias=False))
@@ -263,7 +147,7 @@ class Downsample(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, bias=False)
-        self.norm = _layer_norm(2 * dim, first_in=True)
+        self.norm = layer_norm(2 * dim, first_in=True)
 
     def forward(self, x: Tensor, grid: Grid, next_grid: Grid) -> Tensor:
         """Reads ``grid``'s zero-filled map; returns features laid out as ``next_grid``."""
@@ -278,10 +162,10 @@ class Level(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, groups, rate, **block_options) for rate in drop_rates)
         post_norm = block_options.get("post_norm", False)
         center_feature_scale = block_options.get("center_feature_scale", False)
-        self.norm = _layer_norm(dim) if not post_norm or center_feature_scale else None
+        self.norm = layer_norm(dim) if not post_norm or center_feature_scale else None
         self.post_norm_ids = tuple(post_norm_ids)
         if post_norm_ids:                     # H/G level 2: extra LayerNorms after some blocks
-            self.post_norms = nn.ModuleList(_layer_norm(dim) for _ in post_norm_ids)
+            self.post_norms = nn.ModuleList(layer_norm(dim) for _ in post_norm_ids)
         self.downsample = Downsample(dim) if downsample else None
         self.grad_checkpointing = False
 
@@ -290,9 +174,9 @@ class Level(nn.Module):
         for index, block in enumerate(self.blocks):
             x = run_block(block, x, grid, checkpointing=self.grad_checkpointing)
             if index in self.post_norm_ids:
-                x = grid.mask(self.post_norms[self.post_norm_ids.index(index)](x))
+                x = grid.zero_removed(self.post_norms[self.post_norm_ids.index(index)](x))
         if self.norm is not None:
-            x = grid.mask(self.norm(x))
+            x = grid.zero_removed(self.norm(x))
         return x, (self.downsample(x, grid, next_grid) if self.downsample is not None else x)
 
 
@@ -302,10 +186,10 @@ class StemEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
-        self.norm1 = _layer_norm(dim // 2, first_in=True, first_out=True)
+        self.norm1 = layer_norm(dim // 2, first_in=True, first_out=True)
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
-        self.norm2 = _layer_norm(dim, first_in=True)
+        self.norm2 = layer_norm(dim, first_in=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
@@ -361,7 +245,7 @@ class InternImage(GradCheckpointing, nn.Module):
         self.dcnv3_head_x4 = nn.Sequential(nn.Conv2d(self.num_features, embed_dim * 4, 1), nn.PixelShuffle(2))
         self.dcnv3_head_x3 = nn.Conv2d(self.num_features // 2, embed_dim, 1)
         self.clip_projector = AttentionPooling(embed_dim, heads, clip_dim)
-        self.fc_norm = _layer_norm(clip_dim)
+        self.fc_norm = layer_norm(clip_dim)
         self.head = nn.Linear(clip_dim, num_classes)
 
     def _grids(self, x: Tensor, mask: Tensor | None) -> list[Grid]:
@@ -380,7 +264,7 @@ class InternImage(GradCheckpointing, nn.Module):
         if mask is not None:   # the stem reads 3 px across patch borders: zero removed pixels first
             (keep,) = keep_maps(mask, x.shape[-2:], self.patch_size, strides=[1])
             x = x * keep.unsqueeze(1).type_as(x)
-        x = grids[0].mask(grids[0].from_map(self.patch_embed(x)))
+        x = grids[0].zero_removed(grids[0].from_map(self.patch_embed(x)))
         outputs = []
         for i, (level, grid) in enumerate(zip(self.levels, grids)):
             out, x = level(x, grid, grids[i + 1] if i + 1 < len(grids) else None)

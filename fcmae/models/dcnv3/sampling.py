@@ -5,7 +5,7 @@ Two implementations with the same arguments and the same numbers:
 - ``"grid_sample"`` (default, every device): ``F.grid_sample`` per group into a
   (B·G, Cg, Q, P) tensor, then the modulation-weighted sum over points. Autograd keeps that
   P-times-larger tensor for backward; InternImage's ``grad_checkpointing`` recomputes it.
-- ``"triton"``: fused Triton kernels for CUDA devices (:mod:`.dcnv3_triton`): positions,
+- ``"triton"``: fused Triton kernels for CUDA devices (:mod:`.triton_kernels`): positions,
   corners and the weighted sum in registers, value gradients by fp32 atomics, nothing saved
   but the inputs. Tested on CPU through Triton's interpreter; its GPU speed is not measured.
 
@@ -105,6 +105,6 @@ def dcnv3_sample(value: Tensor, offset: Tensor, weight: Tensor, groups: int, ker
     if impl == "grid_sample":
         out = _grid_sample_sampling(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
     else:
-        from .dcnv3_triton import TritonSample  # Triton is optional; CUDA devices only
+        from .triton_kernels import TritonSample  # Triton is optional; CUDA devices only
         out = TritonSample.apply(value, offset, weight, query_yx, groups, kernel_size, offset_scale)
     return out.reshape(out_shape)

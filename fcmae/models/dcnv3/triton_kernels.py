@@ -6,7 +6,7 @@ position in fp32, reads the 4 bilinear corners and accumulates — nothing of si
 (B, Q, G, P, Cg) is formed. Backward recomputes the positions, scatters the value gradient
 with fp32 atomics and writes the offset and modulation gradients directly.
 
-Same arguments and numbers as the other implementations in :mod:`.dcnv3_ops`. Tests run
+Same arguments and numbers as the other implementations in :mod:`.sampling`. Tests run
 these kernels on CPU through Triton's interpreter: ``TRITON_INTERPRET=1`` must be set
 before this module is imported (``triton.jit`` picks the mode then). Imported only when
 ``impl="triton"`` is asked for, so Triton stays optional.
