@@ -24,7 +24,8 @@ def encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(state)
 
 
-def _meta_model(build) -> nn.Module:
+def meta_model(build) -> nn.Module:
+    """``build()`` on the meta device: shapes and keys without memory or init time."""
     with torch.device("meta"):
         return build()
 
@@ -42,8 +43,8 @@ def in_timm_layout(state: dict[str, Tensor], model_name: str) -> bool:
     if get_model_entry(model_name).family.timm_filter_fn is None:
         return False
     from . import create_model
-    official = _meta_model(lambda: create_model(model_name)).state_dict().keys()
-    timm_keys = _meta_model(lambda: timm_model(model_name)).state_dict().keys()
+    official = meta_model(lambda: create_model(model_name)).state_dict().keys()
+    timm_keys = meta_model(lambda: timm_model(model_name)).state_dict().keys()
     return bool(state) and not state.keys() <= official and state.keys() <= timm_keys
 
 
@@ -54,13 +55,13 @@ def encoder_to_dense(encoder: dict[str, Tensor], model_name: str, fmt: str = "of
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     family = get_model_entry(model_name).family
     from . import create_model
-    dense = family.checkpoint_filter_fn(encoder, _meta_model(lambda: create_model(model_name)))
+    dense = family.checkpoint_filter_fn(encoder, meta_model(lambda: create_model(model_name)))
     return dense_to_timm(dense, model_name) if fmt == "timm" else dense
 
 
 def dense_to_timm(dense: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
     """Official-layout dense weights of ``model_name`` → timm's layout (the family's ``timm_filter_fn``)."""
-    model = _meta_model(lambda: timm_model(model_name))
+    model = meta_model(lambda: timm_model(model_name))
     return get_model_entry(model_name).family.timm_filter_fn(dense, model)
 
 

@@ -42,6 +42,7 @@ def test_converted_random_fcmae_reproduces_sparse_features(official_style_checkp
     assert verify(model.state_dict(), dense_state, name, fmt) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["convnextv2_tiny", "convnext_atto", "convnext_tiny"])
 def test_each_convnext_family_and_mlp_form_converts_to_both_layouts(name):
     """V1 and V2, 1×1-conv (atto) and Linear (tiny) MLPs in timm: the name is inferred from the
@@ -165,6 +166,7 @@ print("timm-only load ok")
 """
 
 
+@pytest.mark.slow
 def test_timm_folder_loads_in_timm_without_fcmae(official_style_checkpoint, tmp_path):
     path, model = official_style_checkpoint
     source = tmp_path / "fcmae.pth"

@@ -95,6 +95,7 @@ def test_backward_reaches_every_parameter():
     assert missing == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["convnextv2_atto", "revcol_t", "internimage_t"])
 def test_bf16_autocast_training_step_matches_fp32(name):
     """The --amp bf16 path: every encoder family runs under autocast and stays close to fp32."""

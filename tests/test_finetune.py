@@ -62,8 +62,20 @@ def test_finetune_from_converted_weights_trains_evaluates_and_saves_ema(labeled_
     assert checkpoint["epoch"] == 1 and "model_ema" in checkpoint
     epochs = [r for r in records(out) if "acc1" in r]
     assert len(epochs) == 2
-    assert all(0 <= r["acc1"] <= 100 and r["acc5"] == 100.0 for r in epochs)   # 2 classes: top-5 = all
+    assert all(r["acc5"] >= r["acc1"] for r in epochs)
     assert "ema_acc1" in epochs[-1]
+
+
+def test_evaluate_counts_top1_top5_and_mean_loss_over_batches():
+    """Logits stand in for images (the model is the identity): 6 classes, targets ranked 1st,
+    2nd, 6th and 1st by their logits → top-1 50 %, top-5 75 %."""
+    from fcmae.finetune import evaluate
+    logits = torch.tensor([[5.0, 1, 0, 0, 0, 0], [3.0, 2, 1, 0, 0, -1], [0.0, 1, 2, 3, 4, -5], [0.0, 0, 0, 0, 0, 9]])
+    targets = torch.tensor([0, 1, 5, 5])
+    batches = [(logits[:3], targets[:3]), (logits[3:], targets[3:])]
+    metrics = evaluate(torch.nn.Identity(), batches, torch.device("cpu"), "none")
+    assert metrics["acc1"] == 50.0 and metrics["acc5"] == 75.0
+    assert abs(metrics["val_loss"] - torch.nn.functional.cross_entropy(logits, targets).item()) < 1e-6
 
 
 def test_linear_probe_leaves_encoder_untouched(labeled_folder, pretrained, tmp_path):
@@ -147,6 +159,7 @@ def test_layer_decay_groups_follow_official_ids():
     assert decay[id(params["stages.0.0.grn.gamma"])] == 0.0 and decay[id(params["head.weight"])] == 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,extra", [("revcol_t", []), ("internimage_t", ["--grad-checkpointing"]),
                                         ("convnext_atto", ["--grad-checkpointing"])])
 def test_other_encoder_families_fine_tune_from_fcmae_weights(name, extra, labeled_folder, tmp_path):
@@ -164,6 +177,7 @@ def test_other_encoder_families_fine_tune_from_fcmae_weights(name, extra, labele
     assert all(torch.allclose(trained[key], value, atol=1e-2) for key, value in dense.items())
 
 
+@pytest.mark.slow
 def test_two_epochs_equal_one_plus_one_with_resume(labeled_folder, pretrained, tmp_path, monkeypatch):
     """Evaluation between epochs must not shift the random streams: model and EMA bit for bit."""
     _, dense_path, _ = pretrained

@@ -114,6 +114,7 @@ def test_another_size_or_decoder_is_a_one_line_error(official_fcmae_file, tmp_pa
         assert not (out / "checkpoint-last.pth").exists()
 
 
+@pytest.mark.slow
 def test_init_refuses_a_file_without_fcmae_weights(tmp_path):
     torch.save({"model": {"something.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError):

@@ -169,6 +169,7 @@ def test_fcmae_with_internimage_never_reads_removed_pixels():
     assert_no_leakage(model, torch.randn(2, 3, 96, 96), random_masks(2, 9, 0.6))
 
 
+@pytest.mark.slow
 def test_internimage_fcmae_converts_and_verifies():
     model = fcmae.create_fcmae("internimage_t", decoder_dim=32)
     randomize_(model, std=0.02)
@@ -227,6 +228,7 @@ def test_h_features_keep_removed_pixels_out():
     assert torch.equal(encoder(torch.where(removed, torch.randn_like(imgs) * 10, imgs), mask), latent)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [lambda **kw: fcmae.create_encoder("internimage_t", **kw),
                                    lambda **kw: tiny_h_like(num_classes=0, **kw)], ids=["t", "h-like"])
 def test_packed_visible_sites_equal_masked_dense_outputs_and_gradients(build):

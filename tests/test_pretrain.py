@@ -86,6 +86,7 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_two_epochs_equal_one_plus_one_with_resume(image_folder, tmp_path, monkeypatch):
     common = QUICK + ["--data-path", str(image_folder), "--seed", "3", "--epochs", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -106,6 +107,7 @@ def test_two_epochs_equal_one_plus_one_with_resume(image_folder, tmp_path, monke
         assert torch.equal(value, b["model"][key]), key
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_ends_with_identical_weights(image_folder, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

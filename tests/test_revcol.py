@@ -110,6 +110,7 @@ def test_fcmae_with_revcol_does_not_leak_removed_pixels():
     assert model.encoder.stem[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_revcol_fcmae_checkpoint_converts_and_verifies():
     model = fcmae.create_fcmae("revcol_t", decoder_dim=32)
     randomize_(model, std=0.02)

@@ -69,6 +69,7 @@ def test_shards_hold_the_folder_images_and_labels(labeled_folder, packed):
         assert label == int(path.relative_to(labeled_folder).parts[0][-1])
 
 
+@pytest.mark.slow
 def test_two_ranks_and_workers_see_every_sample_once_per_epoch(packed, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -94,6 +95,7 @@ def _all_labels(folder, index):
     return labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["shards", "folder"])
 def test_resume_with_persistent_workers_is_exact(source, labeled_folder, packed, tmp_path, monkeypatch):
     data = spec_of(packed) if source == "shards" else str(labeled_folder)

@@ -118,15 +118,22 @@ def test_grn_is_per_image_and_matches_dense_grn_on_masked_map():
     assert (batch_grn(x).dense() - out).abs().max() > 1e-3
 
 
-def test_grn_packed_path_equals_general_path():
+def test_grn_with_equal_counts_uses_each_images_own_sites():
+    """Equal site counts take the free-view path of ``to_padded``; GRN must still normalise each
+    image by its own sites (GRN of one image alone gives the same rows)."""
     active = torch.zeros(2, 4, 4, dtype=torch.bool)
     active[0, :2] = True
     active[1, 2:] = True                                   # 8 sites each
-    x = SparseImage.from_dense(torch.randn(2, 3, 4, 4), active)
+    x = SparseImage.from_dense(torch.randn(2, 3, 4, 4) * torch.tensor([1.0, 5.0]).view(2, 1, 1, 1), active)
     assert x.sites.equal_counts
-    padded_general = torch.zeros(2, 8, 3).index_put(
-        (x.sites.batch_index, x.sites.rank_in_image), x.features)
-    assert torch.equal(x.sites.to_padded(x.features), padded_general)
+    grn = snn.GRN(3)
+    with torch.no_grad():
+        grn.gamma.normal_(), grn.beta.normal_()
+    out = grn(x).features
+    for image in range(2):
+        rows = x.sites.batch_index == image
+        alone = SparseImage.from_dense(x.dense()[image:image + 1], active[image:image + 1])
+        assert_close(out[rows], grn(alone).features)
 
 
 def test_pointwise_layers_match_torch_nn():
@@ -137,14 +144,17 @@ def test_pointwise_layers_match_torch_nn():
     assert torch.equal(snn.GELU()(x).features, F.gelu(x.features))
 
 
-def test_drop_path_drops_whole_images():
+def test_drop_path_drops_whole_images_and_keeps_the_expectation():
     x, _, _ = random_sparse(batch=64, channels=4, density=0.5)
     layer = snn.DropPath(0.5).train()
     ratio = layer(x).features / x.features
+    per_image = []
     for image in range(64):
         values = ratio[x.sites.batch_index == image]
         assert torch.allclose(values, values[0].expand_as(values))
-        assert values[0, 0].item() in (0.0, 2.0)
+        per_image.append(values[0, 0].item())
+    assert set(per_image) == {0.0, 2.0}                    # some images dropped, the kept ones ×1/(1-p)
+    assert 16 <= per_image.count(0.0) <= 48                # ~Binomial(64, 0.5): |z| < 4
     assert torch.equal(layer.eval()(x).features, x.features)
 
 

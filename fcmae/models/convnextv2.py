@@ -29,7 +29,7 @@ from .layers import (
     stage_strides,
     trunc_normal_init,
 )
-from .registry import EncoderFamily, StateDict, register_family
+from .registry import AnalysisPoint, EncoderFamily, StateDict, register_family
 
 # name: (depths, dims)
 CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -75,6 +75,11 @@ class ConvNeXtShape:
         self.num_features = dims[-1]
         self.feature_strides = stage_strides(len(dims))
         self.patch_size = self.feature_strides[-1]
+
+    def analysis_points(self) -> list[AnalysisPoint]:
+        """Every block, ``stages.{i}.{j}``; its expansion activation is the input of ``pwconv2``."""
+        return [AnalysisPoint(f"stages.{i}.{j}", i, block, block.pwconv2)
+                for i, stage in enumerate(self.stages) for j, block in enumerate(stage)]
 
     def no_weight_decay(self) -> set[str]:
         """GRN's (1, 1, 1, C) gamma/beta are not decayed (the official recipe); all else with

@@ -41,7 +41,7 @@ from .layers import (
     stage_strides,
     trunc_normal_init,
 )
-from .registry import EncoderFamily, FamilyOption, masked_dense_encoder, register_family
+from .registry import AnalysisPoint, EncoderFamily, FamilyOption, masked_dense_encoder, register_family
 
 _H_EXTRAS = dict(dw_kernel_size=5, res_post_norm=True, center_feature_scale=True,
                  level2_post_norm_ids=(5, 11, 17, 23, 29), clip_projector=True)
@@ -301,6 +301,11 @@ class InternImage(GradCheckpointing, nn.Module):
                 return sum(self.depths[:level]) + int(parts[3]) + 1
             return sum(self.depths[:level + 1])      # level norm / downsample: with its last block
         return sum(self.depths) + 1
+
+    def analysis_points(self) -> list[AnalysisPoint]:
+        """Every block, ``levels.{i}.blocks.{j}``; its expansion activation is the input of ``mlp.fc2``."""
+        return [AnalysisPoint(f"levels.{i}.blocks.{j}", i, block, block.mlp.fc2, block_channels_last=True)
+                for i, level in enumerate(self.levels) for j, block in enumerate(level.blocks)]
 
     def no_weight_decay(self) -> set[str]:
         """None beyond 1-D parameters and biases: every weight matrix, DCNv3 offsets included, is decayed."""

@@ -66,6 +66,22 @@ class FCMAEEncoder(Protocol):
     def no_weight_decay(self) -> set[str]: ...
 
 
+@dataclass(frozen=True)
+class AnalysisPoint:
+    """One block of a dense model for the feature-collapse analysis (``fcmae-analyze``).
+
+    ``expansion``: the layer whose input is the block's MLP expansion activation (after GELU,
+    and GRN where the block has one), channels-last (B, H, W, 4C); ``block``: the block itself,
+    whose output is channels-last when ``block_channels_last``. Dense models that support the
+    analysis return their blocks in order from ``analysis_points()``."""
+
+    name: str
+    stage: int
+    block: nn.Module
+    expansion: nn.Module
+    block_channels_last: bool = False
+
+
 def same_keys(state: StateDict, model: nn.Module) -> StateDict:
     """The checkpoint filter of a family whose encoder has its dense model's keys and shapes."""
     return dict(state)

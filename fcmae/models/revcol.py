@@ -33,7 +33,7 @@ from .layers import (
     stage_strides,
     trunc_normal_init,
 )
-from .registry import EncoderFamily, masked_dense_encoder, register_family
+from .registry import AnalysisPoint, EncoderFamily, masked_dense_encoder, register_family
 
 # name: (channels, blocks per level, columns)
 REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
@@ -356,6 +356,13 @@ class RevCol(nn.Module):
         if param_name.startswith("subnet"):
             return int(param_name.split(".")[0][len("subnet"):]) + 1
         return self.num_subnet + 1
+
+    def analysis_points(self) -> list[AnalysisPoint]:
+        """Every block of every column, ``subnet{k}.level{i}.blocks.{j}`` (stage = level); its
+        expansion activation is the input of ``pwconv2``."""
+        return [AnalysisPoint(f"subnet{k}.level{i}.blocks.{j}", i, block, block.pwconv2)
+                for k in range(self.num_subnet) for i, level in enumerate(getattr(self, f"subnet{k}").levels)
+                for j, block in enumerate(level.blocks)]
 
     def no_weight_decay(self) -> set[str]:
         """None beyond 1-D parameters and biases: the column weights ``alpha*`` (1, C, 1, 1) are
