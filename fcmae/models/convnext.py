@@ -36,27 +36,28 @@ CONVNEXT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 
 class Block(nn.Module):
-    """dwconv k×k → LN → Linear(C→4C) → GELU → Linear(4C→C) → ×gamma → DropPath, residual.
+    """dwconv k×k → LN → Linear(C→eC) → GELU → Linear(eC→C) → ×gamma → DropPath, residual
+    (expansion e = 4; RevCol's columns use this block too).
 
     With ``keep`` (B, 1, H, W) the masked-dense reference: removed sites are zeroed after the
     depthwise conv and at the output.
     """
 
     def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 7,
-                 layer_scale_init_value: float = 1e-6) -> None:
+                 layer_scale_init_value: float = 1e-6, expansion: int = 4) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv1 = nn.Linear(dim, expansion * dim)
         self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.pwconv2 = nn.Linear(expansion * dim, dim)
         self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         shortcut = x                                                     # (B, C, H, W)
         x = apply_keep(self.dwconv(x), keep).permute(0, 2, 3, 1)         # (B, H, W, C)
-        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))           # (B, H, W, C), via 4C
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))           # (B, H, W, C), via eC
         x = (self.gamma * x).permute(0, 3, 1, 2)                         # (B, C, H, W)
         return apply_keep(shortcut + self.drop_path(x), keep)
 

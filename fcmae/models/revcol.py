@@ -19,9 +19,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import Tensor, nn
 
+from .convnext import Block
 from .layers import (
     STEM_STRIDE,
     BlockSequence,
@@ -45,26 +45,6 @@ REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
 }
 
 Masks = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]  # keep (B,1,h,w) per level
-
-
-class Block(nn.Module):
-    """ConvNeXt (V1) block: dwconv 3×3 → LN → Linear 4C → GELU → Linear → ·gamma → DropPath, residual."""
-
-    def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 3,
-                 layer_scale: float = 1e-6, expansion: int = 4) -> None:
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, expansion * dim)
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(expansion * dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        out = self.dwconv(x).permute(0, 2, 3, 1)                      # (B, H, W, C)
-        out = self.pwconv2(self.act(self.pwconv1(self.norm(out)))) * self.gamma
-        return apply_keep(x + self.drop_path(out.permute(0, 3, 1, 2)), keep)
 
 
 class UpSample(nn.Module):
