@@ -19,6 +19,7 @@ REQUIREMENTS = [
     "scikit-image>=0.24.0",  # built-in demo photos (skimage.data), no download
     "safetensors>=0.4.3",
     "webdataset>=1.0.2",   # tar shards (fcmae-shards, --data-path SHARDS)
+    "matplotlib>=3.8.0",   # plots of fcmae-analyze and fcmae-visualize
 ]
 DEV_REQUIREMENTS = [
     "pytest>=8.0.0",
@@ -45,6 +46,8 @@ setup(
             "fcmae-convert=fcmae.cli.convert:main",
             "fcmae-finetune=fcmae.cli.finetune:main",
             "fcmae-shards=fcmae.cli.shards:main",
+            "fcmae-analyze=fcmae.cli.analyze:main",
+            "fcmae-visualize=fcmae.cli.visualize:main",
         ],
     },
 )

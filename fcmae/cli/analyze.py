@@ -1,0 +1,195 @@
+"""``fcmae-analyze``: the ConvNeXt V2 paper's feature-collapse analysis for any weights."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..analysis import WHERE, analysis_points, collapse_profile, feature_maps
+from ..checkpoint import CheckpointError, atomic_write
+from ..data import (
+    DEMO_HELDOUT_PHOTOS,
+    DEMO_TRAIN_PHOTOS,
+    DataError,
+    demo_photo_paths,
+    eval_transform,
+    find_images,
+    load_rgb,
+)
+from ..weights import load_encoder
+from . import HelpFormatter, add_log_level_argument, configure_logging, number, run_or_exit
+
+log = logging.getLogger("fcmae.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcmae-analyze", formatter_class=HelpFormatter,
+        description="Per block, the average pairwise cosine distance between the channels of its activations "
+                    "(ConvNeXt V2 paper, Sec. 3: low values = feature collapse), for one or more sets of weights "
+                    "overlaid in one plot. Writes OUTPUT (PNG) and OUTPUT with .json (every number).")
+    add = parser.add_argument
+    add("weights", nargs="+",
+        help="FCMAE checkpoints (ours or official), converted dense or timm files/folders, fine-tuning "
+             "checkpoints, or random:MODEL for random init; LABEL=WEIGHTS names a line in the plot")
+    add("-o", "--output", required=True, help="the plot, e.g. collapse.png (its folder must exist)")
+    add("--data-path", default=None, help="folder of images (default: the built-in demo photos)")
+    add("--max-images", type=number(int, 1), default=64, help="analyse at most this many images (sorted by path)")
+    add("--input-size", type=number(int, 32), default=224, help="center crop side in pixels")
+    add("--batch-size", type=number(int, 1), default=8)
+    add("--where", choices=WHERE, default="expansion",
+        help="expansion: the MLP's expansion output after its activation (and GRN), the input of its "
+             "projection; block-output: each block's output")
+    add("--model", default=None, help="model name, if it cannot be read from or inferred for a file")
+    add("--feature-maps", default=None, metavar="BLOCK",
+        help="also write OUTPUT_maps.png: the first --channels activation maps of BLOCK (a name such as "
+             "stages.2.3, or an index) for one image, one row per weights")
+    add("--channels", type=number(int, 1), default=32, help="maps shown by --feature-maps")
+    add("--image-index", type=number(int, 0), default=0, help="the image --feature-maps shows")
+    add("--device", default="cpu")
+    add_log_level_argument(parser)
+    return parser
+
+
+def load_images(data_path: str | None, input_size: int, max_images: int) -> list[torch.Tensor]:
+    """Up to ``max_images`` (3, S, S) normalised center crops; unreadable files skipped."""
+    paths = (find_images(data_path) if data_path else
+             demo_photo_paths(DEMO_TRAIN_PHOTOS + DEMO_HELDOUT_PHOTOS))[:max_images]
+    transform, images, skipped = eval_transform(input_size), [], 0
+    for path in paths:
+        try:
+            images.append(transform(load_rgb(path)))
+        except OSError:
+            skipped += 1
+    if skipped:
+        log.warning(f"skipped {skipped} unreadable image(s)")
+    if not images:
+        raise DataError(f"no readable images in {data_path}")
+    return images
+
+
+def parse_weights(spec: str) -> tuple[str, str]:
+    """(label, source) of a positional argument: ``LABEL=SOURCE`` or ``SOURCE``."""
+    label, separator, source = spec.partition("=")
+    if separator and label and not Path(spec).exists():
+        return label, source
+    return (spec if spec.startswith("random:") else Path(spec).stem if Path(spec).suffix else Path(spec).name), spec
+
+
+def stage_boundaries(names: list[str], stages: list[int]) -> list[float]:
+    return [index - 0.5 for index in range(1, len(names)) if stages[index] != stages[index - 1]]
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"-o {output}: folder {output.parent} does not exist")
+    if output.suffix.lower() != ".png":
+        raise ValueError(f"-o {output}: name a .png file (the numbers go beside it as .json)")
+    device = torch.device(args.device)
+    images = load_images(args.data_path, args.input_size, args.max_images)
+    sources = [parse_weights(spec) for spec in args.weights]
+    models = [(label, *load_encoder(source, args.model)) for label, source in sources]   # fail before any work
+    results, maps = [], []
+    for label, model, model_name in models:
+        model.to(device)
+        points = analysis_points(model, model_name)
+        batches = [torch.stack(images[start:start + args.batch_size]).to(device)
+                   for start in range(0, len(images), args.batch_size)]
+        profile = collapse_profile(model, points, tqdm(batches, desc=label, unit="batch", leave=False), args.where)
+        results.append({"label": label, "model": model_name, "distances": profile,
+                        "stages": [point.stage for point in points]})
+        if args.feature_maps is not None:
+            point = _pick_point(points, args.feature_maps)
+            maps.append((label, point.name, feature_maps(model, point, images[min(args.image_index, len(images) - 1)]
+                                                          .to(device), args.where, args.channels).cpu()))
+    report = {"where": args.where, "images": len(images), "input_size": args.input_size, "results": results}
+    _print_table(results)
+    figure = _plot(results, args.where, len(images))
+    atomic_write(output, lambda file: figure.savefig(file, format="png", dpi=120))
+    atomic_write(output.with_suffix(".json"), lambda file: file.write(json.dumps(report, indent=1).encode()))
+    written = [output, output.with_suffix(".json")]
+    if maps:
+        maps_path = output.with_name(output.stem + "_maps.png")
+        maps_figure = _plot_maps(maps)
+        atomic_write(maps_path, lambda file: maps_figure.savefig(file, format="png", dpi=100))
+        written.append(maps_path)
+    log.info("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _pick_point(points, block: str):
+    if block.isdigit() and int(block) < len(points):
+        return points[int(block)]
+    for point in points:
+        if point.name == block:
+            return point
+    raise ValueError(f"--feature-maps {block!r}: no such block; use an index below {len(points)} or one of "
+                     f"{points[0].name} … {points[-1].name}")
+
+
+def _print_table(results: list[dict]) -> None:
+    names = list(results[0]["distances"])
+    if any(list(result["distances"]) != names for result in results):   # different architectures: one per line
+        for result in results:
+            values = " ".join(f"{value:.3f}" for value in result["distances"].values())
+            log.info(f"{result['label']} ({result['model']}): {values}")
+        return
+    width = max(len(result["label"]) for result in results)
+    log.info("block".ljust(12) + "  ".join(result["label"].rjust(width) for result in results))
+    for name in names:
+        log.info(name.ljust(12) + "  ".join(f"{result['distances'][name]:.4f}".rjust(width) for result in results))
+    log.info("mean".ljust(12) + "  ".join(
+        f"{sum(r['distances'].values()) / len(names):.4f}".rjust(width) for r in results))
+
+
+def _plot(results: list[dict], where: str, num_images: int):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(8, 4.5))
+    axes = figure.subplots()
+    for result in results:
+        axes.plot(range(len(result["distances"])), list(result["distances"].values()), marker="o", markersize=3,
+                  label=f"{result['label']} ({result['model']})")
+    first = results[0]
+    for boundary in stage_boundaries(list(first["distances"]), first["stages"]):
+        axes.axvline(boundary, color="grey", linestyle=":", linewidth=1)
+    axes.set_xlabel("block (dotted lines: stage boundaries)")
+    axes.set_ylabel("average pairwise cosine distance")
+    axes.set_title(f"feature collapse: {where} activations, {num_images} images")
+    axes.set_ylim(bottom=0)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def _plot_maps(maps: list[tuple[str, str, torch.Tensor]]):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    columns = max(len(channel_maps) for _, _, channel_maps in maps)
+    figure = Figure(figsize=(columns * 0.6 + 1.5, len(maps) * 0.7 + 0.4))
+    grid = figure.subplots(len(maps), columns, squeeze=False)
+    for row, (label, block, channel_maps) in enumerate(maps):
+        for column, axes in enumerate(grid[row]):
+            axes.axis("off")
+            if column < len(channel_maps):
+                axes.imshow(channel_maps[column].numpy(), cmap="viridis", vmin=0, vmax=1)
+        grid[row][0].set_title(f"{label}: {block}", fontsize=7, loc="left")
+    return figure
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    raise SystemExit(run_or_exit("fcmae-analyze", lambda: run(args),
+                                 (CheckpointError, DataError, ValueError, FileNotFoundError, OSError)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""``fcmae-visualize``: FCMAE reconstructions as a picture."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from torchvision.transforms.functional import to_pil_image
+
+from ..checkpoint import CheckpointError, atomic_write
+from ..data import DEMO_HELDOUT_PHOTOS, DataError, demo_photo_paths, eval_transform, find_images, load_rgb
+from ..masking import check_pretraining_masks, patch_grid, random_masks
+from ..reconstruction import reconstruction_grid
+from ..weights import load_fcmae
+from . import SEED, HelpFormatter, add_log_level_argument, configure_logging, number, run_or_exit
+
+log = logging.getLogger("fcmae.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcmae-visualize", formatter_class=HelpFormatter,
+        description="Reconstructions of an FCMAE checkpoint (ours or official, any family): one column per "
+                    "image; rows = original, masked input, reconstruction, reconstruction with the visible "
+                    "patches pasted back. Norm-pix-loss predictions are mapped back with each patch's own "
+                    "mean and std. The same picture fcmae-pretrain logs to TensorBoard.")
+    add = parser.add_argument
+    add("checkpoint", help="FCMAE pretraining checkpoint (.pth or .safetensors)")
+    add("images", nargs="*", help="image files (default: --data-path, else the built-in held-out demo photos)")
+    add("-o", "--output", required=True, help="the picture, e.g. recon.png (its folder must exist)")
+    add("--data-path", default=None, help="folder of images (the first --max-images, sorted by path)")
+    add("--max-images", type=number(int, 1), default=8)
+    add("--mask-ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=None,
+        help="fraction of patches removed (default: the checkpoint's, else 0.6)")
+    add("--input-size", type=number(int, 32), default=None,
+        help="center crop side (default: the checkpoint's, else 224)")
+    add("--seed", type=SEED, default=0, help="seed of the random masks")
+    add("--model", default=None, help="model name, if the file does not say and it cannot be inferred")
+    add_log_level_argument(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"-o {output}: folder {output.parent} does not exist")
+    if output.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ValueError(f"-o {output}: name a .png or .jpg file")
+    model, model_name, saved = load_fcmae(args.checkpoint, args.model)
+    input_size = args.input_size or int(saved.get("input_size") or 224)
+    mask_ratio = args.mask_ratio or float(saved.get("mask_ratio") or 0.6)
+    check_pretraining_masks(input_size, model.patch_size, mask_ratio)
+    paths = ([Path(path) for path in args.images] or (find_images(args.data_path) if args.data_path
+                                                       else demo_photo_paths(DEMO_HELDOUT_PHOTOS)))[:args.max_images]
+    transform, images = eval_transform(input_size), []
+    for path in paths:
+        try:
+            images.append(transform(load_rgb(path)))
+        except OSError as error:
+            log.warning(f"skipped unreadable image {path}: {error}")
+    if not images:
+        raise DataError("no readable images to reconstruct")
+    imgs = torch.stack(images)
+    grid = patch_grid(imgs.shape[-2:], model.patch_size)
+    mask = random_masks(len(imgs), grid[0] * grid[1], mask_ratio, generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        loss, pred, mask = model(imgs, mask=mask)
+    picture = to_pil_image(reconstruction_grid(imgs, pred, mask, model.patch_size, model.norm_pix_loss,
+                                               max_images=len(imgs)))
+    atomic_write(output, lambda file: picture.save(file, format="PNG" if output.suffix.lower() == ".png" else "JPEG"))
+    log.info(f"{model_name}: {len(imgs)} images at {input_size}px, mask ratio {mask_ratio:g}, "
+             f"loss on removed patches {loss.item():.4f}; wrote {output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    raise SystemExit(run_or_exit("fcmae-visualize", lambda: run(args),
+                                 (CheckpointError, DataError, ValueError, FileNotFoundError, OSError)))
+
+
+if __name__ == "__main__":
+    main()

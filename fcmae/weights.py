@@ -1,0 +1,123 @@
+"""Any weights this project writes or reads, as a dense encoder — and its features.
+
+``load_encoder(source)`` accepts an FCMAE pretraining checkpoint (ours or official, any
+family, ``.pth`` or ``.safetensors``), a converted dense file (official layout, ours), a timm
+state dict or ``fcmae-convert --format timm`` folder of a family timm has, a fine-tuning
+checkpoint, or ``random:MODEL`` for a freshly initialised network. The model name is read
+from the file or inferred from its tensor shapes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .convert import ENCODER_PREFIX, encoder_state, encoder_to_dense, in_timm_layout, meta_model, timm_model
+from .models import get_model_entry, list_models
+
+RANDOM_PREFIX = "random:"
+
+
+def _shapes(state: dict[str, Tensor], skip: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items() if not key.startswith(skip)}
+
+
+def infer_dense_model_name(state: dict[str, Tensor]) -> str:
+    """The registered model whose dense network (head aside) has exactly these tensors."""
+    from . import create_model
+    for name in list_models():
+        model = meta_model(lambda name=name: create_model(name))
+        if _shapes(model.state_dict(), model.head_prefixes) == _shapes(state, model.head_prefixes):
+            return name
+    raise ckpt.CheckpointError(f"the weights ({len(state)} tensors) fit no known model's encoder or dense "
+                               f"network ({', '.join(list_models())})")
+
+
+def timm_to_dense(state: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
+    """timm-layout weights of ``model_name`` → the official dense layout (the inverse of the
+    family's ``timm_filter_fn``, found by applying it to the dense model's own keys)."""
+    from . import create_model
+    dense = meta_model(lambda: create_model(model_name)).state_dict()
+    mapped = get_model_entry(model_name).family.timm_filter_fn(dense, meta_model(lambda: timm_model(model_name)))
+    official_key = dict(zip(mapped, dense))                        # timm key → official key, same order
+    return {official_key[key]: value.reshape(dense[official_key[key]].shape)
+            for key, value in state.items() if key in official_key}
+
+
+def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -> tuple[dict[str, Tensor], str, str]:
+    """(official-layout dense weights, model name, what the file was) for any supported source."""
+    path = Path(source)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"
+    checkpoint = ckpt.load_checkpoint(path)
+    state = ckpt.state_dict_of(checkpoint)
+    model_name = model_name or checkpoint.get("model_name")
+    if any(key.startswith(ENCODER_PREFIX) for key in state):
+        from .convert import convert_state
+        dense, name = convert_state(state, model_name)
+        return dense, name, "FCMAE checkpoint"
+    if model_name is None:
+        try:
+            from .convert import infer_model_name
+            model_name = infer_model_name(encoder_state(state))      # a bare sparse encoder
+            return encoder_to_dense(state, model_name), model_name, "FCMAE encoder weights"
+        except ckpt.CheckpointError:
+            pass
+        timm_names = [name for name in list_models() if get_model_entry(name).family.timm_filter_fn is not None
+                      and in_timm_layout(state, name)]
+        model_name = timm_names[0] if timm_names else infer_dense_model_name(state)
+    get_model_entry(model_name)
+    if in_timm_layout(state, model_name):
+        return timm_to_dense(state, model_name), model_name, "timm weights"
+    return state, model_name, "dense weights"
+
+
+def load_encoder(source: str | os.PathLike, model_name: str | None = None, **model_kwargs) -> tuple[nn.Module, str]:
+    """A dense model (no classifier, eval mode) with the encoder weights of ``source`` (see the
+    module docstring; ``random:MODEL`` for random init). Returns (model, model name).
+
+    ``model.forward_features(images)`` → (B, C, H/32, W/32); see :func:`extract_features`."""
+    from . import create_model
+    if str(source).startswith(RANDOM_PREFIX):
+        model_name = str(source)[len(RANDOM_PREFIX):]
+        return create_model(model_name, num_classes=0, **model_kwargs).eval(), model_name
+    state, model_name, _ = load_dense_state(source, model_name)
+    model = create_model(model_name, num_classes=0, **model_kwargs)
+    body = {key: value for key, value in state.items() if not key.startswith(model.head_prefixes)}
+    own = {key: value for key, value in model.state_dict().items() if not key.startswith(model.head_prefixes)}
+    ckpt.check_compatible(own, body, model_name, None, source)
+    model.load_state_dict(body, strict=False)
+    return model.eval(), model_name
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: Tensor, pooled: bool = True) -> Tensor:
+    """Encoder features of ``images`` (B, 3, H, W), normalised as in training: pooled
+    (B, C) (global average) or the final map (B, C, H/32, W/32) with ``pooled=False``."""
+    features = model.forward_features(images)
+    return features.mean(dim=(-2, -1)) if pooled else features
+
+
+def load_fcmae(source: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, str, dict]:
+    """An FCMAE pretraining checkpoint (ours or official, any family) as an FCMAE model in eval
+    mode, decoder included (its width and depth read from the weights). Returns (model, model
+    name, the run's saved arguments as a dict, empty where the file has none)."""
+    from . import create_fcmae
+    from .convert import infer_model_name
+    checkpoint = ckpt.load_checkpoint(source)
+    state = ckpt.state_dict_of(checkpoint)
+    if not any(key.startswith(ENCODER_PREFIX) for key in state) or "proj.weight" not in state:
+        raise ckpt.CheckpointError(f"{str(source)!r} holds no FCMAE encoder + decoder; pass a pretraining "
+                                   f"checkpoint (fcmae-pretrain's checkpoint-last.pth or an official FCMAE file)")
+    saved_args = checkpoint.get("args") or {}
+    saved_args = saved_args if isinstance(saved_args, dict) else vars(saved_args)   # official: a Namespace
+    model_name = model_name or checkpoint.get("model_name") or infer_model_name(encoder_state(state))
+    decoder_depth = len({key.split(".")[1] for key in state if key.startswith("decoder.")})
+    model = create_fcmae(model_name, decoder_dim=state["proj.weight"].shape[0], decoder_depth=decoder_depth,
+                         norm_pix_loss=bool(saved_args.get("norm_pix_loss", True)))
+    ckpt.check_compatible(model.state_dict(), state, model_name, checkpoint.get("model_name"), source)
+    model.load_state_dict(state)
+    return model.eval(), model_name, saved_args
