@@ -113,6 +113,24 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write(path, lambda file: torch.save(obj, file))
 
 
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """``path`` becomes another name of the file ``source`` (a hard link: no second copy on
+    disk; a copy where the file system has no hard links), replacing ``path`` atomically."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {error.strerror or error}; "
+                              f"{source.name} holds the same state") from None
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """Weights (and string ``metadata``) as one ``.safetensors`` file, written atomically."""

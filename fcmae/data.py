@@ -48,10 +48,11 @@ def pretrain_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]
     ])
 
 
-def eval_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the short side to 256/224 of ``input_size``, center crop, normalize."""
+def eval_transform(input_size: int, crop_pct: float = 224 / 256) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side to ``input_size / crop_pct`` (256 for 224 by default), center crop
+    ``input_size``, normalize. ``crop_pct=1``: the whole (square) image, for small images."""
     return transforms.Compose([
-        transforms.Resize(int(input_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(round(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

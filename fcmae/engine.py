@@ -53,9 +53,11 @@ class TrainingConfig:
 
 
 def setup_run(args: argparse.Namespace) -> tuple[int, int, torch.device]:
-    """Join torchrun's process group (if any), pick this process' device, seed every RNG
-    (seed + rank). Returns (rank, world_size, device)."""
+    """Join torchrun's process group (if any), pick this process' device and CPU threads
+    (``--threads``), seed every RNG (seed + rank). Returns (rank, world_size, device)."""
     device = check_device(args.device)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
@@ -128,8 +130,8 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
     step_start = time.perf_counter()
     try:
         for index, batch in enumerate(itertools.islice(iter(batches), steps * accum)):
-            if index % accum == 0:
-                lr = cosine_lr(epoch + index / (steps * accum), config.lr, config.min_lr,
+            if index % accum == 0:   # the schedule at the end of this step: the first step has lr > 0
+                lr = cosine_lr(epoch + (index // accum + 1) / steps, config.lr, config.min_lr,
                                config.warmup_epochs, config.epochs)
                 set_lr(optimizer, lr)
             batch = move_to(batch, device)
@@ -253,8 +255,8 @@ def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info:
                 state = ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch, step, info.args,
                                                  info.model_name, rng)
                 ckpt.atomic_save(state, last)
-                if info.save_every and (epoch + 1) % info.save_every == 0:
-                    ckpt.atomic_save(state, info.output_dir / f"checkpoint-{epoch}.pth")
+                if info.save_every and (epoch + 1) % info.save_every == 0:   # named by epochs completed
+                    ckpt.atomic_link(last, info.output_dir / f"checkpoint-{epoch + 1}.pth")
                 record = {"epoch": epoch, "epoch_loss": stats["loss"], **metrics}
                 logger.log(record, step, prefix="epoch")
                 log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))

@@ -34,23 +34,20 @@ def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, 
     """Train and validation sets with the same classes: ``DATA/train`` and ``DATA/val``
     ImageFolder trees, or tar shards with ``cls`` labels (``--data-path`` and
     ``--val-data-path`` shard specs; classes from ``shards.json``)."""
-    if args.linear_probe:
-        train_tf = create_transform(args.input_size, is_training=True, no_aug=False, scale=(0.08, 1.0),
-                                    hflip=args.hflip, auto_augment=None, re_prob=0.0, color_jitter=None,
-                                    interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    augment = dict(scale=(args.crop_min_scale, 1.0), hflip=args.hflip, color_jitter=None, interpolation="bicubic",
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if args.linear_probe:   # crops and flips only, as the official probing recipe
+        train_tf = create_transform(args.input_size, is_training=True, auto_augment=None, re_prob=0.0, **augment)
     else:
         train_tf = create_transform(args.input_size, is_training=True, auto_augment=args.aa or None,
-                                    hflip=args.hflip,
-                                    re_prob=args.reprob, re_mode="pixel", re_count=1,
-                                    color_jitter=None, interpolation="bicubic",
-                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                                    re_prob=args.reprob, re_mode="pixel", re_count=1, **augment)
     if is_shard_spec(args.data_path) and not args.val_data_path:
         raise DataError("training from shards needs --val-data-path (a folder or shards with 'cls' labels)")
     val_path = args.val_data_path or str(Path(args.data_path) / "val")
     train = labeled_dataset(args.data_path if is_shard_spec(args.data_path) else str(Path(args.data_path) / "train"),
                             train_tf, args, cache_dir / "file-list-train.txt", train=True)
-    val = labeled_dataset(val_path, eval_transform(args.input_size), args, cache_dir / "file-list-val.txt",
-                          train=False)
+    val = labeled_dataset(val_path, eval_transform(args.input_size, args.eval_crop_pct), args,
+                          cache_dir / "file-list-val.txt", train=False)
     if train.classes != val.classes:
         raise DataError(f"train and val classes differ: {train.classes[:5]} vs {val.classes[:5]}")
     return train, val
@@ -84,6 +81,23 @@ def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
         return {k: v for k, v in weights.items() if not k.startswith(head)}
     ckpt.check_compatible(body(own), body(state), model_name, None, path)
     model.load_state_dict(state, strict=False)
+
+
+def freeze_encoder(model: nn.Module) -> None:
+    """Linear probing: only the head (``head_prefixes``) trains; the encoder's parameters are
+    frozen and its modules stay in eval mode whatever ``model.train()`` says, so its features
+    are deterministic (no drop path; normalisation layers in inference mode)."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(model.head_prefixes)
+    encoder = [module for name, module in model.named_children() if not f"{name}.".startswith(model.head_prefixes)]
+    train_all = model.train
+
+    def train(mode: bool = True) -> nn.Module:
+        train_all(mode)
+        for module in encoder:
+            module.eval()
+        return model
+    model.train = train
 
 
 def make_loss(args: argparse.Namespace, num_classes: int):
@@ -141,13 +155,13 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
                             Subset(val_set, range(rank, len(val_set), world_size)),
                             batch_size=args.batch_size, num_workers=args.num_workers)
 
-    model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path,
+    drop_path = 0.0 if args.linear_probe else args.drop_path   # a frozen encoder computes deterministic features
+    model = create_model(args.model, num_classes=num_classes, drop_path_rate=drop_path,
                          head_init_scale=args.head_init_scale, **model_kwargs(args, device))
     if args.finetune:
         load_pretrained(model, args.finetune, args.model)
     if args.linear_probe:
-        for name, param in model.named_parameters():
-            param.requires_grad = name.startswith(model.head_prefixes)
+        freeze_encoder(model)
     model.to(device)
 
     effective_batch = scale_lr(args, world_size)

@@ -29,7 +29,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def cosine_lr(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
     """Linear warmup from 0 to ``base_lr`` over ``warmup_epochs``, then half-cosine to ``min_lr``.
 
-    ``epoch`` is fractional (step / steps_per_epoch), so the lr changes every step.
+    ``epoch`` is fractional (steps done / steps_per_epoch), so the lr changes every step; the
+    engine evaluates it at the end of each step, so the first step trains and the last reaches
+    ``min_lr``.
     """
     if epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs

@@ -90,6 +90,18 @@ def test_linear_probe_leaves_encoder_untouched(labeled_folder, pretrained, tmp_p
     assert not torch.equal(trained["head.weight"], fresh.head.weight)
 
 
+def test_frozen_encoder_stays_in_eval_mode_and_is_deterministic():
+    from fcmae.finetune import freeze_encoder
+    model = fcmae.create_model("convnextv2_atto", num_classes=3, drop_path_rate=0.5)
+    freeze_encoder(model)
+    model.train()
+    assert model.head.training and not model.stages.training and not model.stages[0][1].drop_path.training
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model.forward_features(images), model.forward_features(images))
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {
+        "norm.weight", "norm.bias", "head.weight", "head.bias"}
+
+
 def test_fcmae_checkpoint_converts_on_the_fly(pretrained):
     from fcmae.finetune import load_pretrained
     fcmae_path, _, dense = pretrained

@@ -61,6 +61,28 @@ def test_end_to_end_on_folder_with_corrupt_and_gray_images(image_folder, tmp_pat
     assert "next: fcmae-convert" in err and "skipped_image_reads" in err
 
 
+def test_save_every_names_files_by_epochs_completed_and_the_schedule_starts_above_zero(image_folder, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(QUICK + ["--data-path", str(image_folder), "--output-dir", str(out), "--epochs", "2",
+                            "--save-every", "1", "--steps-per-epoch", "2", "--min-lr", "0.001"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-1.pth", "checkpoint-2.pth",
+                                                                     "checkpoint-last.pth"]
+    assert load_checkpoint(out / "checkpoint-1.pth")["epoch"] == 0          # holds 1 epoch
+    assert os.path.samefile(out / "checkpoint-2.pth", out / "checkpoint-last.pth")   # a link, not a copy
+    lrs = [r["lr"] for r in read_jsonl(out / "log.jsonl") if "lr" in r]
+    base = 0.1 * 2 / 256                                                     # blr * batch / 256
+    assert lrs[0] == pytest.approx(base / 2) and lrs[1] == pytest.approx(base)   # warm-up of 1 epoch = 2 steps
+    assert lrs[-1] == pytest.approx(0.001)                                  # the last step reaches --min-lr
+
+
+def test_threads_flag_sets_the_cpu_threads(monkeypatch):
+    from fcmae.engine import setup_run
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    setup_run(build_parser().parse_args(["--threads", "3", "--device", "cpu"]))
+    assert calls == [3]
+
+
 def test_loss_decreases_on_a_fixed_batch():
     from fcmae import create_fcmae
     from fcmae.engine import TrainingConfig, make_scaler, train_one_epoch

@@ -112,10 +112,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=SEED, default=0)
     add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT/checkpoint-last.pth if present")
     add("--save-every", "--save_every", type=NON_NEGATIVE_INT, default=0,
-        help="also keep checkpoint-EPOCH.pth every N epochs (checkpoint-last.pth is always written)")
+        help="also keep checkpoint-E.pth every N epochs, E = epochs completed (a hard link to "
+             "checkpoint-last.pth, which is always written)")
     add("--steps-per-epoch", "--steps_per_epoch", type=POSITIVE_INT, default=None,
         help="cap optimizer steps per epoch (quick runs)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--threads", type=POSITIVE_INT, default=None,
+        help="CPU threads of this process (default: PyTorch's, one per core; give each of several "
+             "processes sharing a machine its share)")
     add("--dist-backend", "--dist_backend", choices=["nccl", "gloo"], default=None,
         help="torch.distributed backend under torchrun (default: nccl on GPU, gloo on CPU)")
     add_family_arguments(parser)

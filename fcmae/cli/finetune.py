@@ -46,10 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('' for none)")
     add("--hflip", type=PROBABILITY, default=0.5, help="horizontal flip probability (0 for digits, text ...)")
     add("--reprob", type=PROBABILITY, default=0.25, help="random erasing probability")
+    add("--crop-min-scale", "--crop_min_scale", type=number(float, 0, 1, low_open=True), default=0.08,
+        help="RandomResizedCrop's smallest area fraction (0.08 as ImageNet; larger for small or centred images)")
+    add("--eval-crop-pct", "--eval_crop_pct", type=number(float, 0, 1, low_open=True), default=0.875,
+        help="evaluation: resize to input-size / pct, then center crop (1.0: no border cut)")
     add("--model-ema", "--model_ema", action=argparse.BooleanOptionalAction, default=True)
     add("--model-ema-decay", "--model_ema_decay", type=PROBABILITY, default=0.9999)
     add("--linear-probe", "--linear_probe", action="store_true",
-        help="freeze the encoder; train only the final LayerNorm + linear head on pooled features")
+        help="freeze the encoder (eval mode: no drop path, whatever --drop-path says); train only the final "
+             "LayerNorm + linear head on pooled features")
     add("--eval", action="store_true", help="only evaluate (weights from --resume or --finetune)")
     return parser
 
