@@ -48,6 +48,7 @@ setup(
             "fcmae-shards=fcmae.cli.shards:main",
             "fcmae-analyze=fcmae.cli.analyze:main",
             "fcmae-visualize=fcmae.cli.visualize:main",
+            "fcmae-knn=fcmae.cli.knn:main",
         ],
     },
 )

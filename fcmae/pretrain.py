@@ -15,6 +15,7 @@ from .loader import make_train_loader
 from .logger import RunLogger
 from .masking import check_pretraining_masks
 from .models.registry import family_kwargs
+from .monitor import KnnMonitor, ReconstructionMonitor
 from .optim import param_groups
 from .reconstruction import reconstruction_grid
 from .run import model_kwargs, scale_lr, start_training, train
@@ -59,6 +60,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
                          decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss,
                          backend=args.backend, **model_kwargs(args, device)).to(device)
     effective_batch = scale_lr(args, world_size)
+    monitors = build_monitors(args, model.patch_size, device)
 
     def init_weights(run: TrainingRun) -> None:
         if args.init:
@@ -83,11 +85,27 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
                 grid = reconstruction_grid(imgs.detach(), pred.detach(), mask, model.patch_size, args.norm_pix_loss)
                 logger.log_image("reconstruction", grid, global_step)
 
-        def skipped_images(epoch: int) -> dict[str, float]:
-            return {"skipped_image_reads": dataset.num_skipped} if dataset.num_skipped else {}
-        return Callbacks(on_step=log_reconstructions, end_of_epoch=skipped_images)
+        def end_of_epoch(epoch: int) -> dict[str, float]:
+            metrics = {"skipped_image_reads": dataset.num_skipped} if dataset.num_skipped else {}
+            for monitor in monitors:
+                metrics |= monitor(model, epoch)
+            return metrics
+        return Callbacks(on_step=log_reconstructions, end_of_epoch=end_of_epoch)
 
     return train(run, args, loader, _fcmae_loss, make_callbacks), model
+
+
+def build_monitors(args: argparse.Namespace, patch_size: int, device: torch.device) -> list:
+    """The between-epoch measurements asked for (their data is read now, before training)."""
+    monitors: list = []
+    if args.knn_data_path:
+        monitors.append(KnnMonitor(args.knn_data_path, args.input_size, args.epochs, args.monitor_every, args.knn_k,
+                                   args.monitor_max_images, args.batch_size, device))
+    if args.val_data_path:
+        monitors.append(ReconstructionMonitor(args.val_data_path, args.input_size, patch_size, args.mask_ratio,
+                                              args.epochs, args.monitor_every, args.monitor_max_images, args.seed,
+                                              args.batch_size, device))
+    return monitors
 
 
 def _fcmae_loss(model, imgs):

@@ -3,36 +3,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import fcmae
 from fcmae.checkpoint import atomic_save, load_checkpoint
 from fcmae.cli.finetune import main
 from fcmae.convert import convert_state
-from fcmae.data import demo_photo_paths
 from fcmae.optim import layer_decay_param_groups
 
 from .helpers import exit_code, interrupt_at_epoch, randomize_
 
 QUICK = ["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "4", "--epochs", "2",
          "--num-workers", "0", "--warmup-epochs", "1", "--blr", "1e-2", "--model-ema-decay", "0.9"]
-
-
-@pytest.fixture(scope="module")
-def labeled_folder(tmp_path_factory):
-    """train/ and val/ splits; each class is random crops of one photo."""
-    root = tmp_path_factory.mktemp("labeled")
-    generator = torch.Generator().manual_seed(0)
-    for label, name in enumerate(["astronaut.png", "coffee.png"]):
-        with Image.open(demo_photo_paths([name])[0]) as photo:
-            rgb = photo.convert("RGB").resize((160, 160))
-        for split, count in (("train", 6), ("val", 4)):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True)
-            for index in range(count):
-                x, y = torch.randint(0, 80, (2,), generator=generator).tolist()
-                rgb.crop((x, y, x + 80, y + 80)).save(folder / f"{index}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
              "and schedule; a checkpoint found by --resume takes precedence")
     add("--vis-every", "--vis_every", type=NON_NEGATIVE_INT, default=50,
         help="log a reconstruction grid to TensorBoard every N steps (0: never)")
+    add("--knn-data-path", "--knn_data_path", default=None,
+        help="ImageFolder with train/ and val/: log the k-NN top-1 (%%) of the encoder's pooled features "
+             "(knn_top1) every --monitor-every epochs and after the last")
+    add("--knn-k", "--knn_k", type=number(int, 1), default=20, help="neighbours of the k-NN monitor")
+    add("--val-data-path", "--val_data_path", default=None,
+        help="held-out images: log their reconstruction loss under fixed masks (val_loss) every "
+             "--monitor-every epochs and after the last")
+    add("--monitor-every", "--monitor_every", type=number(int, 1), default=1, help="epochs between k-NN / val checks")
+    add("--monitor-max-images", "--monitor_max_images", type=number(int, 1), default=1000,
+        help="images per split the k-NN and val checks use at most (spread over the classes)")
     return parser
 
 

@@ -1,0 +1,58 @@
+"""``fcmae-knn``: k-NN top-1 of any weights' pooled encoder features on a labeled folder."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..data import DataError
+from ..knn import knn_evaluate, knn_splits
+from ..weights import extract_features, load_encoder
+from . import HelpFormatter, add_log_level_argument, configure_logging, number, run_or_exit
+
+log = logging.getLogger("fcmae.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcmae-knn", formatter_class=HelpFormatter,
+        description="Weighted k-NN classification (cosine similarity, temperature 0.07) of the pooled final "
+                    "features of an encoder: DATA/val against DATA/train. The same code as fcmae-pretrain's "
+                    "--knn-data-path monitor.")
+    add = parser.add_argument
+    add("weights", help="FCMAE checkpoint, dense or timm weights, or random:MODEL (as fcmae-analyze)")
+    add("--data-path", required=True, help="ImageFolder with train/ and val/")
+    add("--k", type=number(int, 1), default=20)
+    add("--input-size", type=number(int, 32), default=224)
+    add("--eval-crop-pct", type=number(float, 0, 1, low_open=True), default=0.875,
+        help="resize to input-size / pct, then center crop (1.0: no border cut)")
+    add("--max-images", type=number(int, 1), default=None, help="images per split at most (spread over classes)")
+    add("--batch-size", type=number(int, 1), default=64)
+    add("--num-workers", type=number(int, 0), default=2)
+    add("--model", default=None, help="model name, if the file does not say and it cannot be inferred")
+    add("--device", default="cpu")
+    add_log_level_argument(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> float:
+    encoder, model_name = load_encoder(args.weights, args.model)
+    train, val, classes = knn_splits(args.data_path, args.input_size, args.max_images, args.eval_crop_pct)
+    encoder.to(args.device)
+    top1 = knn_evaluate(lambda images: extract_features(encoder, images), train, val, args.k, args.batch_size,
+                        torch.device(args.device), args.num_workers)
+    log.info(f"{model_name}: k-NN (k={args.k}) top-1 {top1:.2f}% on {len(val)} val images, {len(train)} train "
+             f"images, {len(classes)} classes")
+    return top1
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    run_or_exit("fcmae-knn", lambda: run(args), (CheckpointError, DataError, ValueError, OSError))
+
+
+if __name__ == "__main__":
+    main()
