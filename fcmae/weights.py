@@ -94,11 +94,18 @@ def load_encoder(source: str | os.PathLike, model_name: str | None = None, **mod
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, images: Tensor, pooled: bool = True) -> Tensor:
+def extract_features(model: nn.Module, images: Tensor, pooled: bool = True,
+                     per_stage: bool = False) -> Tensor | list[Tensor]:
     """Encoder features of ``images`` (B, 3, H, W), normalised as in training: pooled
-    (B, C) (global average) or the final map (B, C, H/32, W/32) with ``pooled=False``."""
-    features = model.forward_features(images)
-    return features.mean(dim=(-2, -1)) if pooled else features
+    (B, C) (global average) or the final map (B, C, H/32, W/32) with ``pooled=False``.
+
+    ``per_stage=True``: a list with one entry per stage instead (``model.forward_stages``),
+    (B, C_i) pooled or (B, C_i, H/s_i, W/s_i) at strides ``model.feature_strides``."""
+    if not per_stage:
+        features = model.forward_features(images)
+        return features.mean(dim=(-2, -1)) if pooled else features
+    maps = model.forward_stages(images)
+    return [feature.mean(dim=(-2, -1)) for feature in maps] if pooled else maps
 
 
 def load_fcmae(source: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, str, dict]:

@@ -89,6 +89,16 @@ def test_load_encoder_reads_every_kind_of_weights(fcmae_files, name):
     assert_close(extract_features(encoder, images), expected.mean(dim=(-2, -1)))
 
 
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnext_atto", "internimage_t", "revcol_t"])
+def test_per_stage_features_have_the_stage_strides(name):
+    encoder, _ = load_encoder(f"random:{name}")
+    images = torch.randn(1, 3, 64, 64)
+    maps = extract_features(encoder, images, pooled=False, per_stage=True)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(64 // s, 64 // s) for s in encoder.feature_strides]
+    assert torch.equal(maps[-1], extract_features(encoder, images, pooled=False))
+    assert [p.shape for p in extract_features(encoder, images, per_stage=True)] == [m.shape[:2] for m in maps]
+
+
 def test_load_encoder_random_init_and_unknown_weights(tmp_path):
     encoder, name = load_encoder("random:convnextv2_atto")
     assert name == "convnextv2_atto" and not encoder.training

@@ -161,13 +161,19 @@ class ConvNeXtV2(ConvNeXtShape, GradCheckpointing, nn.Module):
         block = int(parts[2]) if parts[0] == "stages" else 0
         return (1, 2, 3 + block // 3, 12)[stage]
 
-    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(B, 3, H, W) → (B, C_last, H/32, W/32). ``mask`` (B, L): 1 = removed patch."""
+    def forward_stages(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """(B, 3, H, W) → every stage's output (B, C_i, H/s_i, W/s_i). ``mask`` (B, L): 1 = removed patch."""
         keeps = stage_keeps(mask, x, self.feature_strides, channel_dim=1)
+        outputs = []
         for downsample, stage, keep in zip(self.downsample_layers, self.stages, keeps):
             x = apply_keep(downsample(x), keep)
             x = stage(x, keep)
-        return x
+            outputs.append(x)
+        return outputs
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) → (B, C_last, H/32, W/32). ``mask`` (B, L): 1 = removed patch."""
+        return self.forward_stages(x, mask)[-1]
 
     def forward_head(self, features: Tensor) -> Tensor:
         """(B, C, h, w) → (B, num_classes): global average pool → LayerNorm → Linear."""

@@ -271,6 +271,10 @@ class InternImage(GradCheckpointing, nn.Module):
             outputs.append(grid.to_map(out))
         return outputs
 
+    def forward_stages(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """(B, 3, H, W) → every level's output, channels-first (B, C_i, H/s_i, W/s_i)."""
+        return [level.permute(0, 3, 1, 2) for level in self.forward_levels(x, mask)]
+
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, 3, H, W) → (B, 8C, H/32, W/32); with ``mask`` (B, L) zero at removed patches."""
         return self.forward_levels(x, mask)[-1].permute(0, 3, 1, 2)

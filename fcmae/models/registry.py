@@ -39,6 +39,10 @@ class DenseModel(Protocol):
         removed, the masked-dense FCMAE reference: zero at removed patches, nothing from them
         reaching a visible site."""
 
+    def forward_stages(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """Every stage's output (B, C_i, H/s_i, W/s_i), ``s_i`` in ``feature_strides``; the last
+        is ``forward_features``."""
+
     def num_layers(self, decay_type: str = "single") -> int:
         """Depth for layer-wise lr decay ('single': per block; 'group': the family's grouping)."""
 

@@ -300,6 +300,10 @@ class RevCol(nn.Module):
             columns = getattr(self, f"subnet{k}")(x, columns, keeps, self.reversible)
         return columns
 
+    def forward_stages(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """(B, 3, H, W) → the last column's four levels (B, C_i, H/s_i, W/s_i)."""
+        return self.forward_columns(x, mask)
+
     def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, 3, H, W) → (B, c3, H/32, W/32); with ``mask`` (B, L), zero at removed patches."""
         return self.forward_columns(x, mask)[3]
