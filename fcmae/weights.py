@@ -75,15 +75,19 @@ def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -
     return state, model_name, "dense weights"
 
 
-def load_encoder(source: str | os.PathLike, model_name: str | None = None, **model_kwargs) -> tuple[nn.Module, str]:
+def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed: int = 0,
+                 **model_kwargs) -> tuple[nn.Module, str]:
     """A dense model (no classifier, eval mode) with the encoder weights of ``source`` (see the
-    module docstring; ``random:MODEL`` for random init). Returns (model, model name).
+    module docstring; ``random:MODEL`` for random init, drawn from ``seed`` without touching the
+    global random streams). Returns (model, model name).
 
     ``model.forward_features(images)`` → (B, C, H/32, W/32); see :func:`extract_features`."""
     from . import create_model
     if str(source).startswith(RANDOM_PREFIX):
         model_name = str(source)[len(RANDOM_PREFIX):]
-        return create_model(model_name, num_classes=0, **model_kwargs).eval(), model_name
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return create_model(model_name, num_classes=0, **model_kwargs).eval(), model_name
     state, model_name, _ = load_dense_state(source, model_name)
     model = create_model(model_name, num_classes=0, **model_kwargs)
     body = {key: value for key, value in state.items() if not key.startswith(model.head_prefixes)}

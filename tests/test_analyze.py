@@ -100,8 +100,15 @@ def test_per_stage_features_have_the_stage_strides(name):
 
 
 def test_load_encoder_random_init_and_unknown_weights(tmp_path):
-    encoder, name = load_encoder("random:convnextv2_atto")
+    state = torch.random.get_rng_state()
+    encoder, name = load_encoder("random:convnextv2_atto", seed=5)
     assert name == "convnextv2_atto" and not encoder.training
+    assert torch.equal(torch.random.get_rng_state(), state)                    # global stream untouched
+    again, _ = load_encoder("random:convnextv2_atto", seed=5)
+    other, _ = load_encoder("random:convnextv2_atto", seed=6)
+    weight = "stages.0.0.pwconv1.weight"
+    assert torch.equal(again.state_dict()[weight], encoder.state_dict()[weight])
+    assert not torch.equal(other.state_dict()[weight], encoder.state_dict()[weight])
     torch.save({"model": {"other.weight": torch.zeros(3, 3)}}, tmp_path / "other.pth")
     with pytest.raises(fcmae.checkpoint.CheckpointError, match="fit no known model"):
         load_encoder(tmp_path / "other.pth")

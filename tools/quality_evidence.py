@@ -140,7 +140,7 @@ def evaluate(weights: str, seed: int, out: Path, data: Path, args: argparse.Name
     out.mkdir(parents=True, exist_ok=True)
     threads = ["--threads", str(args.threads)] if args.threads else []
     knn_log = run(["fcmae-knn", weights, "--data-path", str(data / "eval"), "--input-size", str(args.input_size),
-                   "--eval-crop-pct", "1.0", "--num-workers", "1"], out / "knn.log")
+                   "--eval-crop-pct", "1.0", "--num-workers", "1", "--seed", str(seed)], out / "knn.log")
     knn = float(knn_log.split("top-1 ")[1].split("%")[0])
     finetune_args = ["--model", args.model, "--data-path", str(data / "eval"), "--input-size", str(args.input_size),
                      "--batch-size", str(args.batch_size), "--seed", str(seed), "--num-workers", "1",

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
              "stages.2.3, or an index) for one image, one row per weights")
     add("--channels", type=number(int, 1), default=32, help="maps shown by --feature-maps")
     add("--image-index", type=number(int, 0), default=0, help="the image --feature-maps shows")
+    add("--seed", type=number(int, 0), default=0, help="seed of random:MODEL initialisations")
     add("--device", default="cpu")
     add_log_level_argument(parser)
     return parser
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     images = load_images(args.data_path, args.input_size, args.max_images)
     sources = [parse_weights(spec) for spec in args.weights]
-    models = [(label, *load_encoder(source, args.model)) for label, source in sources]   # fail before any work
+    models = [(label, *load_encoder(source, args.model, args.seed)) for label, source in sources]   # load all first
     results, maps = [], []
     for label, model, model_name in models:
         model.to(device)

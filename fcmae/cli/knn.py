@@ -32,13 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=number(int, 1), default=64)
     add("--num-workers", type=number(int, 0), default=2)
     add("--model", default=None, help="model name, if the file does not say and it cannot be inferred")
+    add("--seed", type=number(int, 0), default=0, help="seed of random:MODEL initialisations")
     add("--device", default="cpu")
     add_log_level_argument(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> float:
-    encoder, model_name = load_encoder(args.weights, args.model)
+    encoder, model_name = load_encoder(args.weights, args.model, args.seed)
     train, val, classes = knn_splits(args.data_path, args.input_size, args.max_images, args.eval_crop_pct)
     encoder.to(args.device)
     top1 = knn_evaluate(lambda images: extract_features(encoder, images), train, val, args.k, args.batch_size,
