@@ -124,6 +124,20 @@ def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
         return image.convert("RGB")
 
 
+def load_center_crops(paths: Sequence[Path], input_size: int, crop_pct: float = 224 / 256) -> list[torch.Tensor]:
+    """Each readable image of ``paths`` as a normalised (3, S, S) center crop (:func:`eval_transform`);
+    unreadable files are skipped with a warning, and none readable is a :class:`DataError`."""
+    transform, images = eval_transform(input_size, crop_pct), []
+    for path in paths:
+        try:
+            images.append(transform(load_rgb(path)))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+            warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+    if not images:
+        raise DataError(f"none of the {len(paths)} images could be read" if paths else "no images given")
+    return images
+
+
 def demo_photo_paths(names: Sequence[str] = DEMO_TRAIN_PHOTOS) -> list[Path]:
     """Paths of scikit-image's bundled photos."""
     import skimage

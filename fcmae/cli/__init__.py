@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -80,6 +81,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
+
+
+def check_output_file(output: str, suffixes: tuple[str, ...]) -> Path:
+    """``-o`` of a command writing one picture: its folder exists and its suffix is one of
+    ``suffixes`` — checked before any work, so a bad name costs nothing and writes nothing."""
+    path = Path(output)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"-o {path}: folder {path.parent} does not exist")
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"-o {path}: name a {' or '.join(suffixes)} file")
+    return path
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,12 +16,11 @@ from ..data import (
     DEMO_TRAIN_PHOTOS,
     DataError,
     demo_photo_paths,
-    eval_transform,
     find_images,
-    load_rgb,
+    load_center_crops,
 )
 from ..weights import load_encoder
-from . import HelpFormatter, add_log_level_argument, configure_logging, number, run_or_exit
+from . import HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
 
 log = logging.getLogger("fcmae.cli")
 
@@ -57,20 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_images(data_path: str | None, input_size: int, max_images: int) -> list[torch.Tensor]:
-    """Up to ``max_images`` (3, S, S) normalised center crops; unreadable files skipped."""
+    """Up to ``max_images`` (3, S, S) normalised center crops (default: the demo photos)."""
     paths = (find_images(data_path) if data_path else
              demo_photo_paths(DEMO_TRAIN_PHOTOS + DEMO_HELDOUT_PHOTOS))[:max_images]
-    transform, images, skipped = eval_transform(input_size), [], 0
-    for path in paths:
-        try:
-            images.append(transform(load_rgb(path)))
-        except OSError:
-            skipped += 1
-    if skipped:
-        log.warning(f"skipped {skipped} unreadable image(s)")
-    if not images:
-        raise DataError(f"no readable images in {data_path}")
-    return images
+    return load_center_crops(paths, input_size)
 
 
 def parse_weights(spec: str) -> tuple[str, str]:
@@ -86,11 +75,7 @@ def stage_boundaries(names: list[str], stages: list[int]) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    output = Path(args.output)
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"-o {output}: folder {output.parent} does not exist")
-    if output.suffix.lower() != ".png":
-        raise ValueError(f"-o {output}: name a .png file (the numbers go beside it as .json)")
+    output = check_output_file(args.output, (".png",))
     device = torch.device(args.device)
     images = load_images(args.data_path, args.input_size, args.max_images)
     sources = [parse_weights(spec) for spec in args.weights]

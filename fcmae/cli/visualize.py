@@ -9,11 +9,11 @@ import torch
 from torchvision.transforms.functional import to_pil_image
 
 from ..checkpoint import CheckpointError, atomic_write
-from ..data import DEMO_HELDOUT_PHOTOS, DataError, demo_photo_paths, eval_transform, find_images, load_rgb
+from ..data import DEMO_HELDOUT_PHOTOS, DataError, demo_photo_paths, find_images, load_center_crops
 from ..masking import check_pretraining_masks, patch_grid, random_masks
 from ..reconstruction import reconstruction_grid
 from ..weights import load_fcmae
-from . import SEED, HelpFormatter, add_log_level_argument, configure_logging, number, run_or_exit
+from . import SEED, HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
 
 log = logging.getLogger("fcmae.cli")
 
@@ -42,26 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    output = Path(args.output)
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"-o {output}: folder {output.parent} does not exist")
-    if output.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise ValueError(f"-o {output}: name a .png or .jpg file")
+    output = check_output_file(args.output, (".png", ".jpg", ".jpeg"))
     model, model_name, saved = load_fcmae(args.checkpoint, args.model)
     input_size = args.input_size or int(saved.get("input_size") or 224)
     mask_ratio = args.mask_ratio or float(saved.get("mask_ratio") or 0.6)
     check_pretraining_masks(input_size, model.patch_size, mask_ratio)
     paths = ([Path(path) for path in args.images] or (find_images(args.data_path) if args.data_path
                                                        else demo_photo_paths(DEMO_HELDOUT_PHOTOS)))[:args.max_images]
-    transform, images = eval_transform(input_size), []
-    for path in paths:
-        try:
-            images.append(transform(load_rgb(path)))
-        except OSError as error:
-            log.warning(f"skipped unreadable image {path}: {error}")
-    if not images:
-        raise DataError("no readable images to reconstruct")
-    imgs = torch.stack(images)
+    imgs = torch.stack(load_center_crops(paths, input_size))
     grid = patch_grid(imgs.shape[-2:], model.patch_size)
     mask = random_masks(len(imgs), grid[0] * grid[1], mask_ratio, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
