@@ -63,7 +63,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     monitors = build_monitors(args, model.patch_size, device)
 
     def init_weights(run: TrainingRun) -> None:
-        if args.init:
+        if args.init and run.resume_path is None:   # a checkpoint found by --resume wins
             loaded = ckpt.init_from_fcmae(model, args.init, args.model)
             log.info(f"initialised from {args.init}: {loaded}; fresh optimizer and schedule")
 

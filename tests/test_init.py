@@ -84,6 +84,18 @@ def test_cli_init_starts_a_fresh_run_from_the_weights(official_fcmae_file, tmp_p
     assert all(state["step"] == 1 for state in saved["optimizer"]["state"].values())
 
 
+def test_a_checkpoint_found_by_resume_wins_over_init(official_fcmae_file, tmp_path, capsys):
+    path, _, _ = official_fcmae_file
+    out = tmp_path / "run"
+    main(QUICK + ["--init", str(path), "--output-dir", str(out), "--blr", "1.0"])       # moves off the init
+    first = load_checkpoint(out / "checkpoint-last.pth")["model"]
+    main(QUICK + ["--init", str(path), "--output-dir", str(out), "--resume", "auto", "--epochs", "2", "--lr", "0"])
+    assert "already part of this run" in capsys.readouterr().err
+    resumed = load_checkpoint(out / "checkpoint-last.pth")
+    assert resumed["epoch"] == 1
+    assert all(torch.equal(resumed["model"][key], value) for key, value in first.items())   # lr 0: as resumed
+
+
 def test_decoder_less_file_initialises_the_encoder_only(official_fcmae_file, tmp_path):
     path, _, decoder = official_fcmae_file
     encoder_only = {key: value for key, value in load_checkpoint(path)["model"].items()
