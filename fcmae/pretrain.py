@@ -10,7 +10,7 @@ import torch
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
 from .data import build_pretrain_dataset
-from .engine import Callbacks, TrainingRun, check_device, prepare_output, setup_run
+from .engine import Callbacks, check_device, prepare_output, setup_run
 from .loader import make_train_loader
 from .logger import RunLogger
 from .masking import check_pretraining_masks
@@ -62,13 +62,13 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     effective_batch = scale_lr(args, world_size)
     monitors = build_monitors(args, model.patch_size, device)
 
-    def init_weights(run: TrainingRun) -> None:
-        if args.init and run.resume_path is None:   # a checkpoint found by --resume wins
+    def init_weights(model: torch.nn.Module) -> None:
+        if args.init:
             loaded = ckpt.init_from_fcmae(model, args.init, args.model)
             log.info(f"initialised from {args.init}: {loaded}; fresh optimizer and schedule")
 
     run = start_training(args, model, param_groups(model, args.weight_decay), device, betas=(0.9, 0.95),
-                         before_wrap=init_weights)
+                         initialise=init_weights)
     if run.resume_path is not None and args.init:
         log.info(f"(--init {args.init} is already part of this run)")
     if run.start_epoch >= args.epochs:

@@ -38,10 +38,11 @@ def scale_lr(args: argparse.Namespace, world_size: int) -> int:
 
 def start_training(args: argparse.Namespace, model: nn.Module, param_groups: list[dict], device: torch.device,
                    betas: Sequence[float] = (0.9, 0.999), extra_state: dict | None = None,
-                   before_wrap: Callable[[TrainingRun], None] | None = None) -> TrainingRun:
+                   initialise: Callable[[nn.Module], None] | None = None) -> TrainingRun:
     """AdamW on ``param_groups`` at ``args.lr``, the loss scaler, the state of a checkpoint
     found by ``--resume`` (``extra_state``: more modules it restores, e.g. EMA), then the
-    DDP/compiled wrapper. ``before_wrap(run)`` runs on the bare model first (e.g. ``--init``).
+    DDP/compiled wrapper. Without a checkpoint to resume, ``initialise(model)`` runs on the bare
+    model first (e.g. ``--init``): a resumed run already holds its weights.
     ``run.start_epoch >= args.epochs`` when the checkpoint already holds the whole run."""
     if args.grad_checkpointing:
         enable_grad_checkpointing(getattr(model, "encoder", model), args.model)
@@ -55,8 +56,8 @@ def start_training(args: argparse.Namespace, model: nn.Module, param_groups: lis
         if run.start_epoch >= args.epochs:
             log.info(f"{run.resume_path} already holds all {args.epochs} epochs; raise --epochs to train longer")
             return run
-    if before_wrap is not None:
-        before_wrap(run)
+    elif initialise is not None:
+        initialise(model)
     if distributed.world_size() > 1:
         run.train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
