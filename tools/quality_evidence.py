@@ -107,7 +107,7 @@ def prepare_data(data: Path, args: argparse.Namespace) -> dict[str, np.ndarray]:
         write_tree(data / "labeled" / "train", train_x[labeled], train_y[labeled])
         write_tree(data / "labeled" / "val", train_x[val], train_y[val])
         write_tree(data / "eval" / "val", test_x[test], test_y[test])
-        (data / "eval" / "train").symlink_to(data / "labeled" / "train", target_is_directory=True)
+        (data / "eval" / "train").symlink_to(Path("..", "labeled", "train"), target_is_directory=True)
         counts = {"pretrain": len(pretrain), "labeled": len(labeled), "val": len(val), "test": len(test),
                   "pretrain_also_labeled": len(taken & set(pretrain))}
         (data / "done").write_text(json.dumps(counts))
