@@ -220,6 +220,21 @@ def check_compatible(model_state: dict[str, torch.Tensor], state: dict[str, torc
                           f"{model_name!r} with these settings: {detail}")
 
 
+def load_body(model: nn.Module, state: dict[str, torch.Tensor], model_name: str,
+              path: str | os.PathLike) -> None:
+    """Load dense weights into ``model``: everything but its head (``head_prefixes``: final
+    norm, classifier) must fit exactly; head tensors load where their shapes fit (another class
+    count starts fresh)."""
+    own, head = model.state_dict(), model.head_prefixes
+    state = {key: value for key, value in state.items()
+             if not (key.startswith(head) and key in own and own[key].shape != value.shape)}
+
+    def body(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in weights.items() if not key.startswith(head)}
+    check_compatible(body(own), body(state), model_name, None, path)
+    model.load_state_dict(state, strict=False)
+
+
 def init_from_fcmae(model: nn.Module, path: str | os.PathLike, model_name: str) -> str:
     """Load the weights of an FCMAE checkpoint (ours or the official ConvNeXt-V2 layout) into
     the FCMAE ``model`` to continue pretraining: encoder and decoder where the file has both,

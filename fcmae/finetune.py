@@ -73,14 +73,7 @@ def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
                                    f"'fcmae-convert --format official' for fine-tuning here")
     if any(key.startswith(ENCODER_PREFIX) for key in state):
         state, _ = convert_state(state, model_name)  # an FCMAE checkpoint: convert on the fly
-    own, head = model.state_dict(), model.head_prefixes
-    state = {k: v for k, v in state.items()
-             if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
-
-    def body(weights):
-        return {k: v for k, v in weights.items() if not k.startswith(head)}
-    ckpt.check_compatible(body(own), body(state), model_name, None, path)
-    model.load_state_dict(state, strict=False)
+    ckpt.load_body(model, state, model_name, path)
 
 
 def freeze_encoder(model: nn.Module) -> None:

@@ -90,10 +90,7 @@ def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed:
             return create_model(model_name, num_classes=0, **model_kwargs).eval(), model_name
     state, model_name, _ = load_dense_state(source, model_name)
     model = create_model(model_name, num_classes=0, **model_kwargs)
-    body = {key: value for key, value in state.items() if not key.startswith(model.head_prefixes)}
-    own = {key: value for key, value in model.state_dict().items() if not key.startswith(model.head_prefixes)}
-    ckpt.check_compatible(own, body, model_name, None, source)
-    model.load_state_dict(body, strict=False)
+    ckpt.load_body(model, state, model_name, source)
     return model.eval(), model_name
 
 
