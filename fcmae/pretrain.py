@@ -14,7 +14,6 @@ from .engine import Callbacks, check_device, prepare_output, setup_run
 from .loader import make_train_loader
 from .logger import RunLogger
 from .masking import check_pretraining_masks
-from .models.registry import family_kwargs
 from .monitor import KnnMonitor, ReconstructionMonitor
 from .optim import param_groups
 from .reconstruction import reconstruction_grid
@@ -39,7 +38,7 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Checks that need no data: mask ratio vs input size, family options on this device, --init."""
     check_pretraining_masks(args.input_size, 32, args.mask_ratio)
-    family_kwargs(args.model, args, check_device(args.device).type)
+    model_kwargs(args, check_device(args.device))   # refuses another family's option or a bad value
     if args.init and not Path(args.init).is_file():
         raise ckpt.CheckpointError(f"--init {args.init!r} is not a file")
 

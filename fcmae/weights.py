@@ -47,8 +47,8 @@ def timm_to_dense(state: dict[str, Tensor], model_name: str) -> dict[str, Tensor
             for key, value in state.items() if key in official_key}
 
 
-def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -> tuple[dict[str, Tensor], str, str]:
-    """(official-layout dense weights, model name, what the file was) for any supported source."""
+def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -> tuple[dict[str, Tensor], str]:
+    """(official-layout dense weights, model name) for any supported source."""
     path = Path(source)
     if path.is_dir() and (path / "model.safetensors").is_file():
         path = path / "model.safetensors"
@@ -58,12 +58,12 @@ def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -
     if any(key.startswith(ENCODER_PREFIX) for key in state):
         from .convert import convert_state
         dense, name = convert_state(state, model_name)
-        return dense, name, "FCMAE checkpoint"
+        return dense, name
     if model_name is None:
         try:
             from .convert import infer_model_name
             model_name = infer_model_name(encoder_state(state))      # a bare sparse encoder
-            return encoder_to_dense(state, model_name), model_name, "FCMAE encoder weights"
+            return encoder_to_dense(state, model_name), model_name
         except ckpt.CheckpointError:
             pass
         timm_names = [name for name in list_models() if get_model_entry(name).family.timm_filter_fn is not None
@@ -71,8 +71,8 @@ def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -
         model_name = timm_names[0] if timm_names else infer_dense_model_name(state)
     get_model_entry(model_name)
     if in_timm_layout(state, model_name):
-        return timm_to_dense(state, model_name), model_name, "timm weights"
-    return state, model_name, "dense weights"
+        return timm_to_dense(state, model_name), model_name
+    return state, model_name
 
 
 def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed: int = 0,
@@ -88,7 +88,7 @@ def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return create_model(model_name, num_classes=0, **model_kwargs).eval(), model_name
-    state, model_name, _ = load_dense_state(source, model_name)
+    state, model_name = load_dense_state(source, model_name)
     model = create_model(model_name, num_classes=0, **model_kwargs)
     ckpt.load_body(model, state, model_name, source)
     return model.eval(), model_name
