@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .convnext import Block
+from .convnextv2 import stem
 from .layers import (
     STEM_STRIDE,
     BlockSequence,
@@ -273,8 +274,7 @@ class RevCol(nn.Module):
         self.num_features = channels[-1]
         self.feature_strides = stage_strides(len(channels))
         self.patch_size = self.feature_strides[-1]
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, channels[0], STEM_STRIDE, stride=STEM_STRIDE),
-                                  LayerNorm2d(channels[0], eps=1e-6))
+        self.stem = stem(in_chans, channels[0])
         rates = [rate for level in drop_path_rates(layers, drop_path_rate) for rate in level]   # flat, by block
         for k in range(num_subnet):
             setattr(self, f"subnet{k}", SubNet(channels, layers, k == 0, rates, kernel_size))
