@@ -5,7 +5,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .masking import check_mask_ratio, patch_grid, random_masks
+from .masking import check_mask_ratio, num_visible, patch_grid, random_masks
 from .models.convnextv2 import Block
 from .models.layers import trunc_normal_init
 
@@ -71,11 +71,16 @@ class FCMAE(nn.Module):
         """imgs (B, 3, H, W) → (loss, pred (B, L, p·p·3), mask (B, L); 1 = removed).
 
         A random mask is drawn with ``mask_ratio`` (default: the model's) unless ``mask`` is given.
+        A drawn mask keeps a number of patches known without reading it, which the encoder
+        uses to build its sites with static shapes (one graph under ``torch.compile``); a
+        given mask is read once to count them.
         """
         grid = patch_grid(imgs.shape[-2:], self.patch_size)
+        visible = None
         if mask is None:
             ratio = self.mask_ratio if mask_ratio is None else mask_ratio
             mask = random_masks(imgs.shape[0], grid[0] * grid[1], ratio, device=imgs.device)
-        latent = self.encoder(imgs, mask)
+            visible = num_visible(grid[0] * grid[1], ratio)
+        latent = self.encoder(imgs, mask, num_visible=visible)
         pred = self.forward_decoder(latent, mask)
         return self.forward_loss(imgs, pred, mask), pred, mask

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from sparse_ops import ActiveSites
+
 
 def check_mask_ratio(mask_ratio: float) -> float:
     """Return ``mask_ratio`` if it lies in [0, 1), else raise a ``ValueError``."""
@@ -39,13 +41,17 @@ def check_pretraining_masks(image_size: int, patch_size: int, mask_ratio: float)
                      f"in (0, {1 - 1 / num_patches:.4g}] or a larger --input-size")
 
 
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Patches every image keeps under ``mask_ratio``: ``int(L * (1 - mask_ratio))`` (official)."""
+    return int(num_patches * (1 - check_mask_ratio(mask_ratio)))
+
+
 def random_masks(batch_size: int, num_patches: int, mask_ratio: float,
                  device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
     """(B, L) float masks, 1 = removed. Each row keeps ``int(L * (1 - mask_ratio))`` patches,
     chosen uniformly at random (argsort of Gaussian noise, as in the official code)."""
-    check_mask_ratio(mask_ratio)
-    num_keep = int(num_patches * (1 - mask_ratio))
+    num_keep = num_visible(num_patches, mask_ratio)
     noise = torch.randn(batch_size, num_patches, device=device, generator=generator)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -66,3 +72,32 @@ def keep_maps(mask: Tensor, image_size: tuple[int, int], patch_size: int,
     sites of kept patches and 0 at removed ones (same dtype as ``mask``)."""
     grid = patch_grid(image_size, patch_size)
     return [1.0 - upsample_mask(mask, grid, patch_size // stride) for stride in strides]
+
+
+def visible_count(mask: Tensor) -> int | None:
+    """The number of kept patches of every row of ``mask`` (B, L) when all rows keep the same
+    number (always so for FCMAE masks), else None. Reads the mask: a host sync, and a graph
+    break under ``torch.compile``; pass the count where it is known instead."""
+    kept = (mask == 0).sum(dim=1)
+    return int(kept[0]) if mask.shape[0] and bool((kept == kept[0]).all()) else None
+
+
+def visible_sites(mask: Tensor, image_size: tuple[int, int], patch_size: int, strides: Sequence[int],
+                  num_visible: int | None = None) -> list[ActiveSites]:
+    """For each feature stride s, the sites of the kept patches of ``mask`` (B, L) on the
+    (H/s, W/s) grid of an image of ``image_size`` (raster order).
+
+    With ``num_visible`` (the patches every row keeps, as FCMAE draws them) the sites come from
+    the kept patch indices with static shapes (:meth:`ActiveSites.from_patches`): no
+    data-dependent op, so a compiled encoder is one graph. Without it the count is read from
+    the mask (:func:`visible_count`); rows keeping different numbers fall back to
+    :meth:`ActiveSites.from_mask` (``sites_per_image`` None).
+    """
+    grid = patch_grid(image_size, patch_size)
+    if num_visible is None:
+        num_visible = visible_count(mask)
+    if num_visible is None:
+        return [ActiveSites.from_mask(keep > 0, stride) for keep, stride in
+                zip(keep_maps(mask, image_size, patch_size, strides), strides)]
+    kept = torch.argsort(mask, dim=1, stable=True)[:, :num_visible]       # (B, K) kept patches, ascending
+    return [ActiveSites.from_patches(kept, grid, patch_size // stride, stride) for stride in strides]

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import webdataset as wds
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
@@ -31,6 +29,17 @@ from .data import IMAGE_EXTENSIONS, DataError, load_rgb, seed_sample_rngs
 
 SHARD_INDEX = "shards.json"
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+
+
+def _webdataset():
+    """The ``webdataset`` module, imported where shards are read or written: a declared
+    requirement, but a machine that only trains from folders (a bare GPU node) can lack it."""
+    try:
+        import webdataset
+    except ImportError:
+        raise DataError("tar shards need the webdataset package (pip install 'webdataset>=1.0.2'); "
+                        "image folders do not") from None
+    return webdataset
 
 
 def is_shard_spec(data_path: str | None) -> bool:
@@ -55,6 +64,8 @@ def open_shard_set(spec: str, index: str | os.PathLike | None = None) -> ShardSe
     """Expand ``spec`` and find each shard's sample count: from ``index`` (a ``shards.json``),
     else the ``shards.json`` beside local shards, else by reading the local tar headers.
     ``pipe:`` specs need ``index``. Raises :class:`DataError` for a spec that matches nothing."""
+    _webdataset()
+    from braceexpand import braceexpand  # installed with webdataset
     urls = list(braceexpand(spec))
     local = not spec.startswith("pipe:")
     if local:
@@ -207,7 +218,7 @@ class ShardImages(IterableDataset):
         def skip(error: Exception) -> bool:
             self._count_skip(f"shard read failed: {error}")
             return True      # go on with the next shard
-        yield from wds.tarfile_samples([{"url": url} for url in urls], handler=skip)
+        yield from _webdataset().tarfile_samples([{"url": url} for url in urls], handler=skip)
 
     def _decode(self, sample: dict, position: tuple[int, ...] | None = None):
         key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -270,7 +281,7 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
         shards.append({"name": Path(name).name, "samples": writer.count})
 
     pattern = str(destination / f"{prefix}-%06d.tar")
-    writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, opener=open_partial,
+    writer = _webdataset().ShardWriter(pattern, maxcount=max_count, maxsize=max_size, opener=open_partial,
                              post=publish, verbose=0)
     try:
         for index, path in enumerate(files):

@@ -3,13 +3,13 @@
 A :class:`SparseImage` holds ``features`` (N, C) for the N active sites of a batch of
 images and an :class:`ActiveSites` object with their ``(b, y, x)`` coordinates. Sites are
 always kept in raster order (batch, then row, then column), so that tensors built from the
-same active mask line up row for row and index maps can be cached on the shared
-:class:`ActiveSites` (like MinkowskiEngine's coordinate manager).
+same sites line up row for row. FCMAE's sites tile whole kept patches
+(:meth:`ActiveSites.from_patches`): built and downsampled with static shapes, so a compiled
+encoder is one graph.
 """
 from __future__ import annotations
 
-from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,30 +25,68 @@ def flat_site_index(batch: Tensor, y: Tensor, x: Tensor, spatial_shape: tuple[in
 class ActiveSites:
     """The active sites of a batch of ``batch_size`` grids of shape ``spatial_shape``.
 
+    Everything a layer needs (``batch_index``, ``flat_index``, the per-image site count when
+    it is the same for every image) is computed when the object is built, so a compiled
+    model reads plain tensors and Python ints, never lazily filled state.
+
     Args:
         coords: (N, 3) int64 ``(b, y, x)`` in raster order.
         spatial_shape: (H, W) of the grid.
         batch_size: number of images B (some may have no active site).
         stride: pixel stride of one grid cell relative to the input image.
+        sites_per_image: the number of sites of every image when all images have the same
+            number (the FCMAE case), else None.
+        patches: the kept patches these sites tile, when built by :meth:`from_patches`.
     """
 
     def __init__(self, coords: Tensor, spatial_shape: tuple[int, int], batch_size: int,
-                 stride: int = 1) -> None:
+                 stride: int = 1, sites_per_image: int | None = None,
+                 patches: PatchTiling | None = None) -> None:
         if coords.ndim != 2 or coords.shape[1] != 3:
             raise ValueError(f"coords must have shape (N, 3) as (b, y, x), got {tuple(coords.shape)}")
         self.coords = coords.long()
         self.spatial_shape = (int(spatial_shape[0]), int(spatial_shape[1]))
         self.batch_size = int(batch_size)
         self.stride = int(stride)
-        self.cache: dict[Any, Any] = {}  # backend-owned derived data (kernel maps, ...)
+        self.sites_per_image = sites_per_image
+        self.patches = patches
+        self.batch_index = self.coords[:, 0].contiguous()                     # (N,) image of each site
+        self.flat_index = flat_site_index(*self.coords.unbind(1), self.spatial_shape)  # (N,) increasing
+        self.cache: dict[Any, Any] = {}  # backend-owned derived data (MinkowskiEngine's coordinate map)
 
     @classmethod
     def from_mask(cls, active: Tensor, stride: int = 1) -> ActiveSites:
-        """Sites where ``active`` (B, H, W) is true, in raster order."""
+        """Sites where ``active`` (B, H, W) is true, in raster order (data-dependent: reads the mask)."""
         if active.ndim != 3:
             raise ValueError(f"active mask must be (B, H, W), got {tuple(active.shape)}")
         coords = torch.nonzero(active.bool(), as_tuple=False)
-        return cls(coords, tuple(active.shape[1:]), active.shape[0], stride)
+        counts = active.flatten(1).sum(1)
+        equal = active.shape[0] > 0 and bool((counts == counts[0]).all())
+        return cls(coords, tuple(active.shape[1:]), active.shape[0], stride,
+                   sites_per_image=int(counts[0]) if equal else None)
+
+    @classmethod
+    def from_patches(cls, kept: Tensor, patch_grid: tuple[int, int], cells_per_patch: int,
+                     stride: int = 1) -> ActiveSites:
+        """The sites covered by kept patches, with static shapes (no data-dependent op).
+
+        ``kept`` (B, K) holds each image's kept patch indices (raster order in the (h, w)
+        ``patch_grid``, any order along K); every patch covers ``cells_per_patch``² sites of
+        this grid, which has shape (h·cells_per_patch, w·cells_per_patch). Gives
+        B·K·cells_per_patch² sites in raster order.
+        """
+        batch, num_kept = kept.shape
+        cells = cells_per_patch
+        width = patch_grid[1] * cells
+        offsets = torch.arange(cells, device=kept.device)
+        rows = (kept // patch_grid[1])[:, :, None, None] * cells + offsets[:, None]   # (B, K, cells, 1)
+        columns = (kept % patch_grid[1])[:, :, None, None] * cells + offsets          # (B, K, 1, cells)
+        in_image = torch.sort((rows * width + columns).reshape(batch, -1), dim=1).values  # (B, K·cells²)
+        image = torch.arange(batch, device=kept.device)[:, None].expand_as(in_image)
+        coords = torch.stack([image, in_image // width, in_image % width], dim=-1).reshape(-1, 3)
+        return cls(coords, (patch_grid[0] * cells, width), batch, stride,
+                   sites_per_image=num_kept * cells * cells,
+                   patches=PatchTiling(kept, patch_grid, cells))
 
     def __len__(self) -> int:
         return self.coords.shape[0]
@@ -57,48 +95,41 @@ class ActiveSites:
     def device(self) -> torch.device:
         return self.coords.device
 
-    @cached_property
-    def batch_index(self) -> Tensor:
-        """(N,) image index of each site."""
-        return self.coords[:, 0].contiguous()
-
-    @cached_property
-    def flat_index(self) -> Tensor:
-        """(N,) position of each site in the flattened (B·H·W) grid; strictly increasing."""
-        return flat_site_index(*self.coords.unbind(1), self.spatial_shape)
-
-    @cached_property
-    def counts(self) -> Tensor:
-        """(B,) number of active sites per image."""
-        return torch.bincount(self.batch_index, minlength=self.batch_size)
-
-    @cached_property
+    @property
     def equal_counts(self) -> bool:
         """True when every image has the same number of active sites (the FCMAE case)."""
-        counts = self.counts
-        return bool((counts == counts[0]).all()) if self.batch_size > 0 else True
+        return self.sites_per_image is not None
 
-    @cached_property
+    def counts(self) -> Tensor:
+        """(B,) number of active sites per image."""
+        if self.sites_per_image is not None:
+            return torch.full((self.batch_size,), self.sites_per_image, dtype=torch.long, device=self.device)
+        return torch.bincount(self.batch_index, minlength=self.batch_size)
+
+    @property
     def max_count(self) -> int:
-        return int(self.counts.max()) if len(self) else 0
-
-    @cached_property
-    def rank_in_image(self) -> Tensor:
-        """(N,) index of each site among the sites of its own image."""
-        offsets = torch.cumsum(self.counts, 0) - self.counts
-        return torch.arange(len(self), device=self.device) - offsets[self.batch_index]
+        """The largest number of sites of one image (a static int when counts are equal)."""
+        if self.sites_per_image is not None:
+            return self.sites_per_image
+        return int(self.counts().max()) if len(self) else 0
 
     def downsample(self, stride: int) -> tuple[ActiveSites, Tensor]:
         """The sites of the stride-``stride`` grid with at least one active child (raster order),
         and per coarse site the row of each of its ``stride²`` children here (``len(self)`` for a
         missing child), children in kernel-row order ``r = dx * stride + dy``
-        (:mod:`sparse_ops.layout`). Returns (coarse sites, children (N_coarse, stride²)); cached."""
-        key = ("downsample", stride)
-        if key not in self.cache:
-            self.cache[key] = self._downsample(stride)
-        return self.cache[key]
+        (:mod:`sparse_ops.layout`). Returns (coarse sites, children (N_coarse, stride²)).
 
-    def _downsample(self, stride: int) -> tuple[ActiveSites, Tensor]:
+        Sites tiling kept patches (:meth:`from_patches`) stay patch tilings with static shapes
+        while ``stride`` divides the cells per patch; others use ``torch.unique``."""
+        patches = self.patches
+        if patches is not None and patches.cells_per_patch % stride == 0:
+            coarse = ActiveSites.from_patches(patches.kept, patches.grid, patches.cells_per_patch // stride,
+                                              self.stride * stride)
+        else:
+            coarse = self._coarse_sites(stride)
+        return coarse, self._children(coarse, stride)
+
+    def _coarse_sites(self, stride: int) -> ActiveSites:
         height, width = self.spatial_shape
         coarse_shape = (-(-height // stride), -(-width // stride))
         batch, y, x = self.coords.unbind(1)
@@ -106,12 +137,16 @@ class ActiveSites:
         coarse_b = parents // (coarse_shape[0] * coarse_shape[1])
         coarse_y = (parents // coarse_shape[1]) % coarse_shape[0]
         coarse_x = parents % coarse_shape[1]
-        coarse = ActiveSites(torch.stack([coarse_b, coarse_y, coarse_x], 1), coarse_shape, self.batch_size,
-                             self.stride * stride)
+        return ActiveSites(torch.stack([coarse_b, coarse_y, coarse_x], 1), coarse_shape, self.batch_size,
+                           self.stride * stride)
 
+    def _children(self, coarse: ActiveSites, stride: int) -> Tensor:
+        """(N_coarse, stride²) row here of each child of every ``coarse`` site, ``len(self)`` if missing."""
+        height, width = self.spatial_shape
         missing = len(self)
         row_of = torch.full((self.batch_size * height * width,), missing, dtype=torch.long, device=self.device)
         row_of[self.flat_index] = torch.arange(len(self), device=self.device)
+        coarse_b, coarse_y, coarse_x = coarse.coords.unbind(1)
         offsets = torch.arange(stride, device=self.device)
         dx, dy = torch.meshgrid(offsets, offsets, indexing="ij")                    # r = dx * s + dy
         child_y = coarse_y[:, None] * stride + dy.reshape(1, -1)
@@ -119,23 +154,18 @@ class ActiveSites:
         inside = (child_y < height) & (child_x < width)
         flat = flat_site_index(coarse_b[:, None], child_y.clamp(max=height - 1), child_x.clamp(max=width - 1),
                                self.spatial_shape)
-        children = torch.where(inside, row_of[flat], torch.full_like(flat, missing))
-        return coarse, children
-
-    def active_mask(self) -> Tensor:
-        """(B, H, W) bool, true at active sites."""
-        mask = torch.zeros(self.batch_size * self.spatial_shape[0] * self.spatial_shape[1],
-                           dtype=torch.bool, device=self.device)
-        mask[self.flat_index] = True
-        return mask.view(self.batch_size, *self.spatial_shape)
+        return torch.where(inside, row_of[flat], torch.full_like(flat, missing))
 
     def to_padded(self, features: Tensor) -> Tensor:
         """(N, C) → (B, max_count, C) per-image rows, zero-padded; a free view when counts are equal."""
         channels = features.shape[1]
-        if self.equal_counts:
-            return features.view(self.batch_size, self.max_count, channels)
+        if self.sites_per_image is not None:
+            return features.view(self.batch_size, self.sites_per_image, channels)
+        counts = self.counts()
+        first_row = (torch.cumsum(counts, 0) - counts)[self.batch_index]          # (N,) row of the image's first site
+        rank_in_image = torch.arange(len(self), device=self.device) - first_row
         padded = features.new_zeros(self.batch_size, self.max_count, channels)
-        return padded.index_put((self.batch_index, self.rank_in_image), features)
+        return padded.index_put((self.batch_index, rank_in_image), features)
 
     def scatter_dense(self, features: Tensor) -> Tensor:
         """(N, C) → (B, H, W, C) channels-last map with zeros at inactive sites."""
@@ -148,6 +178,15 @@ class ActiveSites:
         """(B, H, W, C) map (any memory layout) → (N, C) features at the active sites."""
         channels = grid.shape[-1]
         return grid.reshape(-1, channels).index_select(0, self.flat_index)
+
+
+class PatchTiling(NamedTuple):
+    """Sites that tile whole patches: ``kept`` (B, K) patch indices in the (h, w) patch ``grid``,
+    each patch ``cells_per_patch``² sites."""
+
+    kept: Tensor
+    grid: tuple[int, int]
+    cells_per_patch: int
 
 
 class SparseImage:
@@ -173,9 +212,15 @@ class SparseImage:
         if dense.ndim != 4 or active.shape != (dense.shape[0], *dense.shape[2:]):
             raise ValueError(f"expected dense (B, C, H, W) and active (B, H, W), got "
                              f"{tuple(dense.shape)} and {tuple(active.shape)}")
-        sites = ActiveSites.from_mask(active, stride)
-        features = sites.gather_dense(dense.permute(0, 2, 3, 1))
-        return cls(features, sites, backend)
+        return cls.at_sites(dense, ActiveSites.from_mask(active, stride), backend)
+
+    @classmethod
+    def at_sites(cls, dense: Tensor, sites: ActiveSites, backend: str = "torch") -> SparseImage:
+        """The features of ``dense`` (B, C, H, W) at ``sites`` (a grid of shape (H, W))."""
+        if dense.ndim != 4 or (dense.shape[0], *dense.shape[2:]) != (sites.batch_size, *sites.spatial_shape):
+            raise ValueError(f"dense map {tuple(dense.shape)} does not match sites of {sites.batch_size} "
+                             f"images on a {sites.spatial_shape} grid")
+        return cls(sites.gather_dense(dense.permute(0, 2, 3, 1)), sites, backend)
 
     def dense(self) -> Tensor:
         """(B, C, H, W) with zeros at inactive sites (channels-last memory layout)."""

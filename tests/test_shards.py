@@ -183,3 +183,21 @@ def test_pipe_shards_read_like_local_ones(packed):
     pairs = list(zip(local, piped, strict=True))
     assert len(pairs) == 6
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in pairs)
+
+
+def test_folders_train_without_webdataset_and_shards_say_what_is_missing(labeled_folder, packed, tmp_path):
+    """A bare GPU machine has no webdataset: training from a folder must not import it, and a
+    shard spec names the missing package in one line (a fresh interpreter, webdataset blocked)."""
+    script = f"""
+import sys
+sys.modules["webdataset"] = sys.modules["braceexpand"] = None   # as if not installed
+from fcmae.data import DataError, build_pretrain_dataset
+assert len(build_pretrain_dataset({str(labeled_folder)!r}, 64)) > 0
+try:
+    build_pretrain_dataset({spec_of(packed)!r}, 64)
+except DataError as error:
+    print("refused:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused: tar shards need the webdataset package" in result.stdout

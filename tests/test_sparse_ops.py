@@ -22,13 +22,44 @@ def random_sparse(batch=3, channels=5, height=9, width=11, density=0.4):
     return SparseImage.from_dense(dense, active), dense * active[:, None], active
 
 
+def active_map(sites):
+    """(B, H, W) bool, true at the active ``sites``."""
+    return SparseImage(torch.ones(len(sites), 1), sites).dense()[:, 0] > 0
+
+
 def test_from_dense_round_trip_zeroes_inactive_sites():
     x, masked, active = random_sparse()
     assert x.features.shape == (int(active.sum()), 5)
     assert torch.equal(x.dense(), masked)
-    assert torch.equal(x.sites.active_mask(), active)
+    assert torch.equal(active_map(x.sites), active)
     # raster order: flat index strictly increasing
     assert bool((x.sites.flat_index.diff() > 0).all())
+
+
+def patch_tiling(batch=3, grid=(3, 4), keep=5, cells=4, seed=0):
+    """(sites from kept patch indices, the same sites from the dense mask) on a grid of
+    ``cells``-site patches."""
+    generator = torch.Generator().manual_seed(seed)
+    kept = torch.stack([torch.randperm(grid[0] * grid[1], generator=generator)[:keep] for _ in range(batch)])
+    active = torch.zeros(batch, grid[0] * grid[1], dtype=torch.bool)
+    active[torch.arange(batch)[:, None], kept] = True
+    active = active.reshape(batch, *grid).repeat_interleave(cells, 1).repeat_interleave(cells, 2)
+    return sparse_ops.ActiveSites.from_patches(kept, grid, cells, stride=4), sparse_ops.ActiveSites.from_mask(active, 4)
+
+
+def test_patch_tiling_equals_sites_of_the_mask():
+    """Sites built from kept patch indices (static shapes, any order of the indices) are the
+    mask's sites in raster order, with the per-image count known."""
+    tiled, from_mask = patch_tiling()
+    assert torch.equal(tiled.coords, from_mask.coords)
+    assert tiled.spatial_shape == from_mask.spatial_shape == (12, 16)
+    assert tiled.sites_per_image == from_mask.sites_per_image == 5 * 16
+    for stride in (2, 4):   # stays a tiling down to one site per patch: same sites and children
+        (tiled_coarse, tiled_children), (coarse, children) = tiled.downsample(stride), from_mask.downsample(stride)
+        assert tiled_coarse.patches is not None and tiled_coarse.stride == 4 * stride
+        assert torch.equal(tiled_coarse.coords, coarse.coords)
+        assert torch.equal(tiled_children, children)
+        assert tiled_coarse.sites_per_image == 5 * 16 // stride ** 2
 
 
 def test_from_dense_rejects_mismatched_mask():
@@ -89,7 +120,7 @@ def test_strided_conv_equals_dense_conv_and_activates_parents():
         layer.bias.normal_()
     out = layer(x)
     parent_active = F.max_pool2d(active[:, None].float(), 2)[:, 0].bool()
-    assert torch.equal(out.sites.active_mask(), parent_active)
+    assert torch.equal(active_map(out.sites), parent_active)
     assert out.stride == 2 and out.spatial_shape == (4, 5)
     reference = F.conv2d(masked, conv_kernel_to_weight(layer.kernel), layer.bias.reshape(-1), stride=2)
     assert_close(out.dense(), reference * parent_active[:, None])

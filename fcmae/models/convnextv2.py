@@ -16,6 +16,7 @@ import sparse_ops
 import sparse_ops.nn as snn
 from sparse_ops.layout import sparse_to_dense_state_dict
 
+from ..masking import visible_sites
 from .layers import (
     GRN,
     STEM_STRIDE,
@@ -207,8 +208,9 @@ class SparseBlock(nn.Module):
 class SparseConvNeXtV2(ConvNeXtShape, GradCheckpointing, nn.Module):
     """FCMAE encoder: dense stem, then only visible sites are computed.
 
-    ``forward(imgs, mask)``: imgs (B, 3, H, W), mask (B, L) with 1 = removed patch →
-    (B, C_last, H/32, W/32) features, zero at removed patches. Keys match the ``encoder.*``
+    ``forward(imgs, mask, num_visible=None)``: imgs (B, 3, H, W), mask (B, L) with 1 =
+    removed patch → (B, C_last, H/32, W/32) features, zero at removed patches. ``num_visible``
+    (patches kept per image, when the caller knows it) keeps every shape static. Keys match the ``encoder.*``
     part of official FCMAE checkpoints (no final norm, no head). ``block`` as in
     :class:`ConvNeXtV2`.
     """
@@ -226,10 +228,10 @@ class SparseConvNeXtV2(ConvNeXtShape, GradCheckpointing, nn.Module):
         self.stages = stages(self.block, depths, dims, drop_path_rate, kernel_size=kernel_size, **block_kwargs)
         self.apply(trunc_normal_init)
 
-    def forward(self, imgs: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, imgs: Tensor, mask: Tensor, num_visible: int | None = None) -> Tensor:
         stem_out = self.downsample_layers[0](imgs)                         # (B, C0, H/4, W/4)
-        visible = stage_keeps(mask, imgs, self.feature_strides, channel_dim=1)[0][:, 0] > 0
-        x = sparse_ops.SparseImage.from_dense(stem_out, visible, STEM_STRIDE, self.backend)
+        (sites,) = visible_sites(mask, imgs.shape[-2:], self.patch_size, [STEM_STRIDE], num_visible)
+        x = sparse_ops.SparseImage.at_sites(stem_out, sites, self.backend)
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = self.downsample_layers[i](x)

@@ -28,9 +28,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from sparse_ops import ActiveSites
-
-from ..masking import keep_maps
+from ..masking import keep_maps, visible_sites
 from .dcnv3 import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, DCNv3, DenseGrid, Grid, PackedGrid, available_impls, layer_norm
 from .layers import (
     GradCheckpointing,
@@ -248,19 +246,21 @@ class InternImage(GradCheckpointing, nn.Module):
         self.fc_norm = layer_norm(clip_dim)
         self.head = nn.Linear(clip_dim, num_classes)
 
-    def _grids(self, x: Tensor, mask: Tensor | None) -> list[Grid]:
+    def _grids(self, x: Tensor, mask: Tensor | None, num_visible: int | None = None) -> list[Grid]:
         """Per level: plain dense, masked-dense, or packed visible sites (``packed_masked``
-        and every image keeping the same number of patches, as FCMAE masks do)."""
-        keeps = stage_keeps(mask, x, self.feature_strides, channel_dim=-1)
-        if mask is None or not self.packed_masked or not bool((mask.sum(1) == mask[0].sum()).all()):
-            return [DenseGrid(keep) for keep in keeps]
-        return [PackedGrid(ActiveSites.from_mask(keep[..., 0] > 0, stride))
-                for keep, stride in zip(keeps, self.feature_strides)]
+        and every image keeping the same number of patches, as FCMAE masks do; static shapes
+        when ``num_visible`` is given)."""
+        if mask is not None and self.packed_masked:
+            sites = visible_sites(mask, x.shape[-2:], self.patch_size, self.feature_strides, num_visible)
+            if sites[0].equal_counts:
+                return [PackedGrid(level_sites) for level_sites in sites]
+        return [DenseGrid(keep) for keep in stage_keeps(mask, x, self.feature_strides, channel_dim=-1)]
 
-    def forward_levels(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+    def forward_levels(self, x: Tensor, mask: Tensor | None = None, num_visible: int | None = None) -> list[Tensor]:
         """(B, 3, H, W) → every level's output (B, H_i, W_i, C_i) (after its norm, before its
-        downsample); with ``mask`` (B, L) zero at removed patches."""
-        grids = self._grids(x, mask)
+        downsample); with ``mask`` (B, L) zero at removed patches (``num_visible``: the patches
+        every image keeps, when known)."""
+        grids = self._grids(x, mask, num_visible)
         if mask is not None:   # the stem reads 3 px across patch borders: zero removed pixels first
             (keep,) = keep_maps(mask, x.shape[-2:], self.patch_size, strides=[1])
             x = x * keep.unsqueeze(1).type_as(x)
@@ -279,9 +279,11 @@ class InternImage(GradCheckpointing, nn.Module):
         """(B, 3, H, W) → (B, 8C, H/32, W/32); with ``mask`` (B, L) zero at removed patches."""
         return self.forward_levels(x, mask)[-1].permute(0, 3, 1, 2)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:            # FCMAE encoder call: encoder(imgs, mask)
-            return self.forward_features(x, mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, num_visible: int | None = None) -> Tensor:
+        """Logits (B, num_classes); as FCMAE encoder, ``encoder(imgs, mask, num_visible)`` →
+        (B, 8C, H/32, W/32) features, zero at removed patches."""
+        if mask is not None:
+            return self.forward_levels(x, mask, num_visible)[-1].permute(0, 3, 1, 2)
         if self.clip_projector_head:
             levels = self.forward_levels(x)
             tokens = self.dcnv3_head_x4(levels[3].permute(0, 3, 1, 2)) \

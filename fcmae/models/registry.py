@@ -56,16 +56,19 @@ class DenseModel(Protocol):
 
 @runtime_checkable
 class FCMAEEncoder(Protocol):
-    """What a family's FCMAE encoder provides: ``encoder(imgs, mask)``, imgs (B, 3, H, W),
-    mask (B, L) with 1 = removed patch → (B, num_features, H/32, W/32), zero at removed
-    patches; ``patch_size``, ``feature_strides``, ``num_features`` and ``no_weight_decay()``
+    """What a family's FCMAE encoder provides: ``encoder(imgs, mask, num_visible=None)``, imgs
+    (B, 3, H, W), mask (B, L) with 1 = removed patch → (B, num_features, H/32, W/32), zero at
+    removed patches. ``num_visible``: the number of patches every image keeps when the caller
+    knows it without reading the mask (FCMAE's own draws), so that sparse sites are built with
+    static shapes (one graph under ``torch.compile``); an encoder that computes every site may
+    ignore it. ``patch_size``, ``feature_strides``, ``num_features`` and ``no_weight_decay()``
     as :class:`DenseModel`."""
 
     patch_size: int
     feature_strides: tuple[int, ...]
     num_features: int
 
-    def __call__(self, imgs: Tensor, mask: Tensor) -> Tensor: ...
+    def __call__(self, imgs: Tensor, mask: Tensor, num_visible: int | None = None) -> Tensor: ...
 
     def no_weight_decay(self) -> set[str]: ...
 

@@ -323,8 +323,10 @@ class RevCol(nn.Module):
                     reconstructions.append(self.decoder_blocks[k // interval](columns[3]))
         return logits, reconstructions
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if mask is not None:            # FCMAE encoder call: encoder(imgs, mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, num_visible: int | None = None) -> Tensor:
+        """Logits (B, num_classes); as FCMAE encoder, ``encoder(imgs, mask)`` → features
+        (``num_visible`` is not needed: every site is computed and re-masked)."""
+        if mask is not None:
             return self.forward_features(x, mask)
         if self.inter_supv:
             return self.cls_blocks[-1](self.forward_features(x))
