@@ -8,7 +8,7 @@ from fcmae.masking import random_masks
 from fcmae.models.convnext import CONVNEXT_SIZES
 from fcmae.models.convnextv2 import CONVNEXTV2_SIZES
 
-from .helpers import assert_close, assert_param_count, randomize_
+from .helpers import assert_close, assert_param_count, assert_within_dtype_error, randomize_, sparse_and_dense_results
 
 # Published parameter counts (millions, 1000-class classifier), ConvNeXt V2 paper table.
 PUBLISHED_PARAMS_M = {"atto": 3.7, "femto": 5.2, "pico": 9.1, "nano": 15.6, "tiny": 28.6,
@@ -162,3 +162,17 @@ def test_dense_model_matches_timm_implementation(name):
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ValueError, match="unknown model 'convnextv2_giant'.*convnextv2_atto"):
         fcmae.create_model("convnextv2_giant")
+
+
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnext_atto"])
+def test_sparse_encoder_in_bf16_costs_what_bf16_costs_the_dense_model(name):
+    """bf16 autocast (the CPU twin of tests/test_cuda.py): sparse and masked-dense round
+    differently, so the tolerance is measured, not fixed: the sparse encoder's bf16 error
+    against fp32 is within 6× (L2) the dense model's own bf16 error, output and every gradient."""
+    encoder = randomize_(fcmae.create_encoder(name))
+    dense = converted_dense(encoder, name)
+    imgs = torch.randn(4, 3, 128, 128)
+    mask = random_masks(4, 16, 0.6)
+    _, dense_fp32 = sparse_and_dense_results(encoder, dense, name, imgs, mask)
+    sparse_bf16, dense_bf16 = sparse_and_dense_results(encoder, dense, name, imgs, mask, torch.bfloat16)
+    assert_within_dtype_error(sparse_bf16, dense_bf16, dense_fp32)

@@ -1,10 +1,15 @@
 """DCNv3 sampling as fused Triton kernels (forward and backward), for CUDA devices.
 
 One program handles ``BLOCK_ROWS`` (query, group) rows × all Cg channels of the
-channels-last value table (B·H·W·G, Cg): for each of the P points it computes the sampling
-position in fp32, reads the 4 bilinear corners and accumulates — nothing of size
-(B, Q, G, P, Cg) is formed. Backward recomputes the positions, scatters the value gradient
-with fp32 atomics and writes the offset and modulation gradients directly.
+channels-last value table (B·H·W·G, Cg): for each of the P points (a loop, not unrolled) it
+computes the sampling position in fp32, reads the 4 bilinear corners and accumulates —
+nothing of size (B, Q, G, P, Cg) is formed. Backward recomputes the positions, scatters the
+value gradient with fp32 atomics and writes the offset and modulation gradients directly.
+
+Launch configurations are autotuned from :data:`CONFIGS`, keeping those whose
+(BLOCK_ROWS, BLOCK_C) tile holds at most :data:`MAX_TILE` elements: compiled for sm_90 every
+such variant uses at most 160 registers and no local memory, so at least two blocks fit on
+an SM (tests/test_dcnv3_triton.py checks it with ptxas, BENCHMARKS.md has the numbers).
 
 Same arguments and numbers as the other implementations in :mod:`.sampling`. Tests run
 these kernels on CPU through Triton's interpreter: ``TRITON_INTERPRET=1`` must be set
@@ -20,7 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_ROWS = 64
+# (rows per program, warps) tried by the autotuner; MAX_TILE bounds rows × padded channels
+CONFIGS = [triton.Config({"BLOCK_ROWS": rows}, num_warps=warps) for rows, warps in ((16, 4), (16, 8), (32, 4), (32, 8))]
+MAX_TILE = 512
 
 
 def interpreting() -> bool:
@@ -42,7 +49,7 @@ def _corner(x, y, corner: tl.constexpr, width, height, row_ok):
 
 
 @triton.jit
-def _position(offset_ptr, rows, row_ok, query_x, query_y, point: tl.constexpr, KERNEL: tl.constexpr,
+def _position(offset_ptr, rows, row_ok, query_x, query_y, point, KERNEL: tl.constexpr,
               offset_scale, width, height):
     """fp32 sampling position of ``point`` for each row, clamped so far-off points stay finite."""
     offset_at = rows * (KERNEL * KERNEL * 2) + point * 2
@@ -71,7 +78,7 @@ def _forward_kernel(value_ptr, offset_ptr, weight_ptr, query_ptr, out_ptr, num_r
     channels = tl.arange(0, BLOCK_C)
     channel_ok = channels < group_channels
     acc = tl.zeros((BLOCK_ROWS, BLOCK_C), dtype=tl.float32)
-    for point in tl.static_range(KERNEL * KERNEL):
+    for point in range(KERNEL * KERNEL):      # a loop, not unrolled: registers stay low
         x, y = _position(offset_ptr, rows, row_ok, query_x, query_y, point, KERNEL, offset_scale, width, height)
         modulation = tl.load(weight_ptr + rows * (KERNEL * KERNEL) + point, mask=row_ok, other=0.0).to(tl.float32)
         for corner in tl.static_range(4):
@@ -94,7 +101,7 @@ def _backward_kernel(value_ptr, offset_ptr, weight_ptr, query_ptr, grad_out_ptr,
     channel_ok = channels < group_channels
     grad_out = tl.load(grad_out_ptr + rows[:, None] * group_channels + channels[None, :],
                        mask=row_ok[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
-    for point in tl.static_range(KERNEL * KERNEL):
+    for point in range(KERNEL * KERNEL):      # a loop, not unrolled: registers stay low
         x, y = _position(offset_ptr, rows, row_ok, query_x, query_y, point, KERNEL, offset_scale, width, height)
         modulation = tl.load(weight_ptr + rows * (KERNEL * KERNEL) + point, mask=row_ok, other=0.0).to(tl.float32)
         grad_modulation = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
@@ -117,15 +124,34 @@ def _backward_kernel(value_ptr, offset_ptr, weight_ptr, query_ptr, grad_out_ptr,
         tl.store(grad_offset_ptr + offset_at + 1, grad_y * offset_scale, mask=row_ok)
 
 
+def fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs whose (BLOCK_ROWS, BLOCK_C) tile holds at most ``MAX_TILE`` elements."""
+    block_c = {**named_args, **kwargs}["BLOCK_C"]
+    return [config for config in configs if config.kwargs["BLOCK_ROWS"] * block_c <= MAX_TILE]
+
+
+_tuned_forward = triton.autotune(CONFIGS, key=["num_rows", "group_channels"],
+                                 prune_configs_by={"early_config_prune": fitting_configs})(_forward_kernel)
+_tuned_backward = triton.autotune(CONFIGS, key=["num_rows", "group_channels"], reset_to_zero=["grad_value_ptr"],
+                                  prune_configs_by={"early_config_prune": fitting_configs})(_backward_kernel)
+
+
 def check_device(value: Tensor) -> None:
     if not (value.is_cuda or interpreting()):
         raise ValueError("the 'triton' DCNv3 implementation needs a CUDA device (on CPU use 'grid_sample')")
 
 
-def _launch(kernel, rows: int, group_channels: int, kernel_size: int, *args) -> None:
-    """One program per ``BLOCK_ROWS`` (query, group) rows; channels padded to a power of 2."""
-    kernel[(triton.cdiv(rows, BLOCK_ROWS),)](*args, KERNEL=kernel_size, BLOCK_ROWS=BLOCK_ROWS,
-                                             BLOCK_C=triton.next_power_of_2(group_channels))
+def _launch(kernel, tuned, rows: int, group_channels: int, kernel_size: int, *args) -> None:
+    """One program per ``BLOCK_ROWS`` (query, group) rows; channels padded to a power of 2.
+    On CUDA the autotuned ``tuned`` picks the config; the interpreter (which cannot time)
+    runs ``kernel`` with the first fitting one."""
+    block_c = triton.next_power_of_2(group_channels)
+    if interpreting():
+        rows_per_program = fitting_configs(CONFIGS, {}, BLOCK_C=block_c)[0].kwargs["BLOCK_ROWS"]
+        kernel[(triton.cdiv(rows, rows_per_program),)](*args, KERNEL=kernel_size, BLOCK_ROWS=rows_per_program,
+                                                       BLOCK_C=block_c)
+        return
+    tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)](*args, KERNEL=kernel_size, BLOCK_C=block_c)
 
 
 class TritonSample(torch.autograd.Function):
@@ -142,8 +168,8 @@ class TritonSample(torch.autograd.Function):
         batch, height, width, channels = value.shape
         rows, group_channels = batch * query_yx.shape[1] * groups, channels // groups
         out = value.new_empty(rows, group_channels)
-        _launch(_forward_kernel, rows, group_channels, kernel_size, value, offset, weight, query_yx, out,
-                rows, query_yx.shape[1], height, width, groups, group_channels, float(offset_scale))
+        _launch(_forward_kernel, _tuned_forward, rows, group_channels, kernel_size, value, offset, weight,
+                query_yx, out, rows, query_yx.shape[1], height, width, groups, group_channels, float(offset_scale))
         return out
 
     @staticmethod
@@ -155,7 +181,7 @@ class TritonSample(torch.autograd.Function):
         grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         grad_offset = torch.empty(offset.shape, dtype=torch.float32, device=value.device)
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=value.device)
-        _launch(_backward_kernel, rows, group_channels, kernel_size, value, offset, weight, query_yx,
+        _launch(_backward_kernel, _tuned_backward, rows, group_channels, kernel_size, value, offset, weight, query_yx,
                 grad_out.contiguous(), grad_value, grad_offset, grad_weight, rows, query_yx.shape[1], height,
                 width, groups, group_channels, float(offset_scale))
         return (grad_value.to(value.dtype), grad_offset.to(offset.dtype), grad_weight.to(weight.dtype),
