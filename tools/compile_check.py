@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="(default: %(default)s)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per mode (default: %(default)s)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="count graphs and time eager steps only (a CPU dry run of the GPU check)")
+    parser.add_argument("--json", help="also write the results to this JSON file (rewritten as numbers arrive)")
     return parser.parse_args(argv)
 
 
@@ -63,29 +65,34 @@ def main(argv=None) -> dict:
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     dtype = DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    result = dict(model=args.model, batch_size=args.batch_size, input_size=args.input_size, dtype=args.dtype,
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__)
 
+    def report(**numbers) -> None:
+        """Print and save each number as soon as it is measured (a timeout keeps what came)."""
+        result.update(numbers)
+        print("  ".join(f"{key}: {value}" for key, value in numbers.items()), flush=True)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as file:
+                json.dump(result, file, indent=1)
+
+    print(f"{args.model} {args.input_size}px batch {args.batch_size} {args.dtype} on {result['device']}, "
+          f"torch {torch.__version__}", flush=True)
     counter = CompileCounter()
     with autocast:
         torch.compile(lambda x: model(x)[0], backend=counter, dynamic=False)(imgs)
     torch._dynamo.reset()
-
-    compiled = torch.compile(model, dynamic=False)
-    first = timed_step(compiled, imgs, autocast)
+    report(graphs=counter.frame_count)
+    timed_step(model, imgs, autocast)      # warm-up
     eager_s = min(timed_step(model, imgs, autocast) for _ in range(args.iters))
+    report(eager_step_ms=round(eager_s * 1e3, 2))
+    if args.no_compile:
+        return result
+    compiled = torch.compile(model, dynamic=False)
+    report(first_step_s=round(timed_step(compiled, imgs, autocast), 2))
     compiled_s = min(timed_step(compiled, imgs, autocast) for _ in range(args.iters))
-    result = dict(model=args.model, batch_size=args.batch_size, input_size=args.input_size, dtype=args.dtype,
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  torch=torch.__version__, graphs=counter.frame_count, first_step_s=round(first, 2),
-                  eager_step_ms=round(eager_s * 1e3, 2), compiled_step_ms=round(compiled_s * 1e3, 2),
-                  speedup=round(eager_s / compiled_s, 3))
-    print(f"{args.model} {args.input_size}px batch {args.batch_size} {args.dtype} on {result['device']}, "
-          f"torch {torch.__version__}")
-    print(f"graphs per step: {result['graphs']}   first compiled step: {result['first_step_s']} s")
-    print(f"step: eager {result['eager_step_ms']} ms   compiled {result['compiled_step_ms']} ms   "
-          f"compiled/eager speed ×{result['speedup']}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump(result, file, indent=1)
+    report(compiled_step_ms=round(compiled_s * 1e3, 2), speedup=round(eager_s / compiled_s, 3))
     return result
 
 

@@ -1,19 +1,41 @@
 #!/usr/bin/env bash
-# Every check and measurement that needs a CUDA GPU, in one run of at most ~8 minutes on one
-# H100, most valuable first. Made for a bare GPU machine: its own python3 and PyTorch (>= the
-# lowest supported version); this script never installs torch. The project runs from this
-# checkout (PYTHONPATH); small missing packages may come as wheels in $WHEELS.
+# The checks and measurements that need a CUDA GPU, as two calls of at most 5 minutes each on
+# one H100/H200, for a bare GPU machine: its own python3 and PyTorch (never installed here),
+# the project from this checkout (PYTHONPATH), small missing packages as wheels in $WHEELS
+# (tools/gpu_wheels.sh; only shards need them).
 #
-#   tools/gpu_checks.sh                   # every step
-#   tools/gpu_checks.sh tests pretrain    # some steps (names below)
-#   WHEELS=.whl RESULTS=/tmp/r STEP_TIMEOUT_SCALE=2 tools/gpu_checks.sh
-#   ALLOW_CPU=1 PRETRAIN_FLAGS=--amp=bf16 tools/gpu_checks.sh tests pretrain   # dry run on CPU
+#   tools/gpu_checks.sh 1                        # call 1: does it work
+#   tools/gpu_checks.sh 2                        # call 2: how fast
+#   tools/gpu_checks.sh 1 pretrain               # some steps of a call (names below)
+#   WHEELS=.whl RESULTS=/tmp/r STEP_TIMEOUT_SCALE=2 tools/gpu_checks.sh 1
+#   ALLOW_CPU=1 DRY_RUN=1 tools/gpu_checks.sh 1  # CPU dry run: eager instead of --compile, small sizes
 #
-# Results go to $RESULTS (default: $OUT if set, else gpu_results/): one log per step and
-# summary.json (each step's status, seconds, and the numbers it measured). A step that fails or
-# runs past its timeout does not stop the others; the exit status is 0 only if all passed.
+# Results go to $RESULTS (default: $OUT if set, else gpu_results/), at most 8 files per call:
+# environment.log, one log per step (written as it runs, so a timeout still returns what it
+# measured) and summary.json (each step's status, seconds and numbers; rewritten after every
+# step). A failed or timed-out step does not stop the others; exit 0 only if all passed.
+#
+# Estimated seconds on one H200 (from CPU-measured compile costs and earlier GPU runs of the
+# same tools; the timeout is the estimate's upper end, and each call's timeouts sum to <= 300 s):
+#
+#   call step      what                                                    estimate  timeout
+#   1    cuda      tests/test_cuda.py: sparse == masked-dense (fp32, bf16),  60-120     150
+#                  compiled training step == eager (one graph, fp32 then bf16)
+#   1    pretrain  fcmae-pretrain atto bf16 -> resume -> fcmae-convert --verify  30-60      80
+#   1    triton    tests/test_dcnv3_triton.py -k cuda (JIT + autotune)      15-40       60
+#   2    speed     tools/compile_check.py base bf16 (compile, eager vs       90-140     150
+#                  compiled step), then tools/benchmark.py base: masked vs sparse (eager)
+#   2    dcnv3     tools/dcnv3_bench.py: grid_sample vs Triton sampling     15-30       50
+#   2    revcol    tools/revcol_memory.py: reversible vs plain peak memory  10-20       30
+#   2    loader    tools/loader_bench.py: folder vs shards at 4/8 workers   30-60       70
 set -u
 cd "$(dirname "$0")/.."
+CALL=${1:-}
+shift || true
+case "$CALL" in
+  1|2) ;;
+  *) echo "usage: tools/gpu_checks.sh 1|2 [step ...]   (1: does it work, 2: how fast)" >&2; exit 2 ;;
+esac
 RESULTS=${RESULTS:-${OUT:-gpu_results}}
 SCALE=${STEP_TIMEOUT_SCALE:-1}
 PY=${PYTHON:-python3}
@@ -27,19 +49,35 @@ if [ -n "${WHEELS:-}" ]; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
-# name | timeout (s) | command; each command may write $WORK/<name>.json, folded into the summary
-STEPS=(
-  "tests|90|$PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_dcnv3_triton.py -k cuda"
-  "pretrain|100|pretrain_end_to_end"
-  "speed|140|$PY tools/benchmark.py --model convnextv2_base --batch-size 128 --device cuda --dtype bf16 --compile --json $WORK/speed.json"
-  "dcnv3|60|$PY tools/dcnv3_bench.py --device cuda --dtype bf16 --batch-size 64 && $PY tools/benchmark.py --model internimage_t --batch-size 64 --device cuda --dtype bf16 --json $WORK/dcnv3.json"
-  "revcol|30|$PY tools/revcol_memory.py --device cuda --batch-size 8"
-  "loader|60|$PY tools/loader_bench.py --workers 4,8 --batch-size 64 --num-images 2048 --device cuda --amp bf16 --json $WORK/loader.json"
-)
+# A dry run on CPU checks that every command runs, at sizes a CPU finishes: eager instead of
+# --compile, small models and batches.
+if [ -n "${DRY_RUN:-}" ]; then
+  DEVICE=cpu; EAGER=--no-compile; BASE=convnextv2_atto; BATCH=4; SIZE=64; IMAGES=64; WORKERS=2
+  COLLECT=--co   # the CUDA tests skip without a GPU: check that they import and collect
+else
+  DEVICE=cuda; EAGER=""; BASE=convnextv2_base; BATCH=64; SIZE=224; IMAGES=2048; WORKERS=4,8
+  COLLECT=""
+fi
 
-# fcmae-pretrain on CUDA (bf16, compiled) on synthetic images, resumed once, then converted with --verify.
+# name | timeout (s) | command; a command may write $WORK/<name>.json, folded into the summary
+if [ "$CALL" = 1 ]; then
+  STEPS=(
+    "cuda|150|$PY -m pytest -q -p no:cacheprovider tests/test_cuda.py $COLLECT"
+    "pretrain|80|pretrain_end_to_end"
+    "triton|60|$PY -m pytest -q -p no:cacheprovider tests/test_dcnv3_triton.py -k cuda $COLLECT"
+  )
+else
+  STEPS=(
+    "speed|150|$PY tools/compile_check.py --model $BASE --device $DEVICE --dtype bf16 --batch-size $BATCH --input-size $SIZE --iters 5 $EAGER --json $WORK/speed.json && $PY tools/benchmark.py --model $BASE --variants masked,sparse-torch --batch-size $BATCH --input-size $SIZE --device $DEVICE --dtype bf16 --iters 5 --json $WORK/speed-eager.json"
+    "dcnv3|50|$PY tools/dcnv3_bench.py --device $DEVICE --dtype bf16 --batch-size $BATCH --input-size $SIZE"
+    "revcol|30|$PY tools/revcol_memory.py --device $DEVICE --batch-size 8 --input-size $SIZE"
+    "loader|70|$PY tools/loader_bench.py --workers $WORKERS --batch-size $BATCH --num-images $IMAGES --input-size $SIZE --device $DEVICE --amp bf16 --json $WORK/loader.json"
+  )
+fi
+
+# fcmae-pretrain (bf16) on synthetic images, resumed once, then converted with --verify.
 pretrain_end_to_end() {
-  local run="$WORK/pretrain" common
+  local run="$WORK/pretrain" common amp
   $PY - "$WORK/images" <<'EOF' || return 1
 import sys, numpy as np
 from pathlib import Path
@@ -49,28 +87,42 @@ rng = np.random.default_rng(0)
 for index in range(96):
     Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((256, 256)).save(folder / f"{index}.png")
 EOF
-  # shellcheck disable=SC2206  # PRETRAIN_FLAGS is a list of flags
-  common=(--data-path "$WORK/images" --model convnextv2_atto ${PRETRAIN_FLAGS:---amp bf16 --compile} --batch-size 32
-          --steps-per-epoch 3 --num-workers 4 --output-dir "$run" --vis-every 2)
+  amp=bf16; [ "$DEVICE" = cpu ] && amp=none
+  common=(--data-path "$WORK/images" --model convnextv2_atto --amp "$amp" --device "$DEVICE" --batch-size 32
+          --input-size "$SIZE" --steps-per-epoch 3 --num-workers 4 --output-dir "$run" --vis-every 2)
   $PY -m fcmae.cli.pretrain "${common[@]}" --epochs 1 \
     && $PY -m fcmae.cli.pretrain "${common[@]}" --epochs 2 --resume auto \
     && $PY -c "import torch, sys; c = torch.load(sys.argv[1], weights_only=True); assert c['epoch'] == 1 and c['step'] == 6, (c['epoch'], c['step'])" "$run/checkpoint-last.pth" \
     && $PY -m fcmae.cli.convert "$run/checkpoint-last.pth" -o "$run/dense.pth" --verify
 }
 
+write_summary() {
+  $PY - "$WORK" "$RESULTS/summary.json" "$CALL" <<'EOF'
+import json, sys
+from pathlib import Path
+work, summary = Path(sys.argv[1]), {"call": int(sys.argv[3]), "steps": {}}
+for line in (work / "steps.tsv").read_text().splitlines() if (work / "steps.tsv").exists() else []:
+    name, result, seconds = line.split("\t")
+    numbers = {path.stem: json.loads(path.read_text()) for path in sorted(work.glob(f"{name}*.json"))}
+    summary["steps"][name] = {"result": result, "seconds": int(seconds), "numbers": numbers or None}
+Path(sys.argv[2]).write_text(json.dumps(summary, indent=2))
+EOF
+}
+
 $PY - <<'EOF' > "$RESULTS/environment.log" 2>&1
-import importlib, platform, torch
+import importlib, os, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
-for name in ("torchvision", "timm", "einops", "tqdm", "tensorboard", "safetensors", "skimage", "pytest", "triton"):
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE", "cpus", os.cpu_count())
+for name in ("torchvision", "timm", "einops", "tqdm", "tensorboard", "safetensors", "skimage", "pytest", "triton",
+             "numpy", "webdataset"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except ImportError:
-        print(name, "MISSING: bring it as a wheel in $WHEELS")
+        print(name, "MISSING" + (": only shards need it (tools/gpu_wheels.sh)" if name == "webdataset" else ""))
 EOF
 cat "$RESULTS/environment.log"
 if grep -q "NO CUDA DEVICE" "$RESULTS/environment.log" && [ -z "${ALLOW_CPU:-}" ]; then
-  echo "gpu_checks: PyTorch sees no CUDA device; nothing to check (ALLOW_CPU=1 for a dry run)" >&2
+  echo "gpu_checks: PyTorch sees no CUDA device; nothing to check (ALLOW_CPU=1 DRY_RUN=1 for a dry run)" >&2
   exit 1
 fi
 
@@ -80,10 +132,10 @@ for entry in "${STEPS[@]}"; do
   IFS='|' read -r name limit command <<< "$entry"
   if [ ${#selected[@]} -gt 0 ] && [[ ! " ${selected[*]} " == *" $name "* ]]; then continue; fi
   limit=$((limit * SCALE))
-  echo "== $name (timeout ${limit}s): $command"
+  echo "== call $CALL: $name (timeout ${limit}s): $command"
   start=$SECONDS
   if [ "$command" = pretrain_end_to_end ]; then
-    export -f pretrain_end_to_end; export PY WORK PRETRAIN_FLAGS
+    export -f pretrain_end_to_end; export PY WORK DEVICE SIZE
     timeout -k 10 "$limit" bash -c pretrain_end_to_end > "$RESULTS/$name.log" 2>&1
   else
     timeout -k 10 "$limit" bash -c "$command" > "$RESULTS/$name.log" 2>&1
@@ -94,18 +146,8 @@ for entry in "${STEPS[@]}"; do
   echo "   $result in $((SECONDS - start)) s; last lines:"
   tail -n 8 "$RESULTS/$name.log" | sed 's/^/   /'
   printf '%s\t%s\t%s\n' "$name" "$result" "$((SECONDS - start))" >> "$WORK/steps.tsv"
+  write_summary
 done
-
-$PY - "$WORK" "$RESULTS/summary.json" <<'EOF'
-import json, sys
-from pathlib import Path
-work, summary = Path(sys.argv[1]), {}
-for line in (work / "steps.tsv").read_text().splitlines() if (work / "steps.tsv").exists() else []:
-    name, result, seconds = line.split("\t")
-    numbers = work / f"{name}.json"
-    summary[name] = {"result": result, "seconds": int(seconds),
-                     "numbers": json.loads(numbers.read_text()) if numbers.exists() else None}
-Path(sys.argv[2]).write_text(json.dumps(summary, indent=2))
-print("summary:", {name: step["result"] for name, step in summary.items()})
-EOF
+write_summary
+echo "summary: $(tr -d '\n ' < "$RESULTS/summary.json" | head -c 400)"
 exit $status

@@ -31,7 +31,7 @@ from PIL import Image
 
 import fcmae
 from fcmae.data import build_pretrain_dataset, find_images, load_rgb
-from fcmae.engine import AMP_DTYPES
+from fcmae.engine import AMP_DTYPES, check_device
 from fcmae.loader import BatchStream, make_train_loader
 from fcmae.optim import param_groups
 from fcmae.shards import write_shards
@@ -151,6 +151,10 @@ def model_img_per_s(args: argparse.Namespace) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:
+        check_device(args.device)       # before minutes of measuring, not after
+    except ValueError as error:
+        raise SystemExit(f"loader_bench: {error}") from None
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
