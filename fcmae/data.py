@@ -107,6 +107,22 @@ def find_images(root: str | os.PathLike, cache: str | os.PathLike | None = None)
     return files
 
 
+# What reading an image file can raise when the file is bad (corrupt, truncated, too large):
+# such a sample is skipped and counted. An error in the augmentation after reading is a bug,
+# not bad data, and is never counted as a skipped image (see :func:`augment`).
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def augment(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, where: object) -> torch.Tensor:
+    """``transform(image)``; an exception there becomes a :class:`DataError` naming the sample
+    (it would otherwise be mistaken for an unreadable file)."""
+    try:
+        return transform(image)
+    except Exception as error:
+        raise DataError(f"the augmentation failed on {where}, which was read fine: {type(error).__name__}: "
+                        f"{error} (a bug or an incompatible library version, not bad data)") from error
+
+
 def load_rgb(path: str | os.PathLike | BinaryIO) -> Image.Image:
     """An image file (path or binary file object) as 8-bit RGB, whatever its mode: EXIF orientation applied; 16-bit and
     32-bit integer or float grayscale scaled to 0–255 (not clipped); alpha dropped (the colour
@@ -130,9 +146,11 @@ def load_center_crops(paths: Sequence[Path], input_size: int, crop_pct: float = 
     transform, images = eval_transform(input_size, crop_pct), []
     for path in paths:
         try:
-            images.append(transform(load_rgb(path)))
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+            image = load_rgb(path)
+        except READ_ERRORS as error:
             warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+            continue
+        images.append(augment(transform, image, path))
     if not images:
         raise DataError(f"none of the {len(paths)} images could be read" if paths else "no images given")
     return images
@@ -198,12 +216,13 @@ class ImageFiles(Dataset):
         for attempt in range(len(self.files)):
             position = (index + attempt) % len(self.files)
             try:
-                image = self.transform(load_rgb(self.files[position]))
-            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+                image = load_rgb(self.files[position])
+            except READ_ERRORS as error:
                 with self._skipped.get_lock():
                     self._skipped.value += 1
                 warnings.warn(f"skipping unreadable image {self.files[position]}: {error}", stacklevel=2)
                 continue
+            image = augment(self.transform, image, self.files[position])
             return image if self.labels is None else (image, self.labels[position])
         raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
 

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -30,6 +31,27 @@ from .shards import SHARD_INDEX, ShardImages, is_shard_spec, open_shard_set
 log = logging.getLogger(__name__)
 
 
+def posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize for every bit count RandAugment asks for: the increasing variant keeps
+    0 bits at the highest magnitudes, which Pillow 13 refuses; 0 bits keeps nothing (a black
+    image), as Pillow did before."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def with_any_bit_posterize(transform):
+    """``transform`` (timm's training Compose) with its RandAugment posterize ops replaced by
+    :func:`posterize` (same policy, runs on Pillow 13)."""
+    for step in getattr(transform, "transforms", [transform]):
+        for op in getattr(step, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = posterize
+    return transform
+
+
 def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, Dataset]:
     """Train and validation sets with the same classes: ``DATA/train`` and ``DATA/val``
     ImageFolder trees, or tar shards with ``cls`` labels (``--data-path`` and
@@ -39,8 +61,9 @@ def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, 
     if args.linear_probe:   # crops and flips only, as the official probing recipe
         train_tf = create_transform(args.input_size, is_training=True, auto_augment=None, re_prob=0.0, **augment)
     else:
-        train_tf = create_transform(args.input_size, is_training=True, auto_augment=args.aa or None,
-                                    re_prob=args.reprob, re_mode="pixel", re_count=1, **augment)
+        train_tf = with_any_bit_posterize(create_transform(args.input_size, is_training=True,
+                                                           auto_augment=args.aa or None, re_prob=args.reprob,
+                                                           re_mode="pixel", re_count=1, **augment))
     if is_shard_spec(args.data_path) and not args.val_data_path:
         raise DataError("training from shards needs --val-data-path (a folder or shards with 'cls' labels)")
     val_path = args.val_data_path or str(Path(args.data_path) / "val")

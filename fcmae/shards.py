@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from . import distributed
-from .data import IMAGE_EXTENSIONS, DataError, load_rgb, seed_sample_rngs
+from .data import IMAGE_EXTENSIONS, READ_ERRORS, DataError, augment, load_rgb, seed_sample_rngs
 
 SHARD_INDEX = "shards.json"
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
@@ -118,9 +118,15 @@ class ShardImages(IterableDataset):
     but for that remainder; a worker whose shards run short starts them again. Evaluation
     (``train=False``): each sample exactly once across all ranks and workers, in order.
 
-    Unreadable samples (and the rest of a truncated shard) are skipped with a warning and
-    counted in ``num_skipped``, as for folders.
+    Unreadable samples (and the rest of a truncated shard), and labels that are missing, not a
+    number or outside the classes, are skipped with a warning and counted in ``num_skipped``,
+    as for folders; ``max_consecutive_skips`` unusable samples in a row end the run with a
+    :class:`DataError` instead of spinning forever. Each sample's augmentation is seeded by
+    its place among the samples read (not those produced), so a skipped sample never makes
+    the next one repeat its draws.
     """
+
+    max_consecutive_skips = 200
 
     def __init__(self, shard_set: ShardSet, transform: Callable[[Image.Image], torch.Tensor],
                  labeled: bool, batch_size: int, seed: int = 0, train: bool = True,
@@ -183,14 +189,20 @@ class ShardImages(IterableDataset):
             if not mine:
                 raise DataError(f"loader worker {worker} of rank {rank} has no shard; write more shards")
             rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
-            produced = 0
-            for sample in self._shuffled_passes(mine, rng):
-                item = self._decode(sample, (epoch, rank, worker, produced))
-                if item is not None:
-                    yield item
-                    produced += 1
-                    if produced == quota:
-                        break
+            produced = skipped_in_a_row = 0
+            for attempt, sample in enumerate(self._shuffled_passes(mine, rng)):
+                item = self._decode(sample, (epoch, rank, worker, attempt))
+                if item is None:
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= self.max_consecutive_skips:
+                        raise DataError(f"{skipped_in_a_row} samples in a row from {mine[0]} … were unusable "
+                                        f"(see the warnings above); check the shards and their labels")
+                    continue
+                skipped_in_a_row = 0
+                yield item
+                produced += 1
+                if produced == quota:
+                    break
 
     def _shuffled_passes(self, urls: Sequence[str], rng: random.Random) -> Iterator[dict]:
         """Passes over the samples of ``urls``, each shuffled through a buffer and drained at its
@@ -226,14 +238,25 @@ class ShardImages(IterableDataset):
         try:
             if key is None:
                 raise ValueError("no image in the sample")
-            if position is not None and get_worker_info() is not None:
-                seed_sample_rngs(self.seed, *position)
-            image = self.transform(load_rgb(io.BytesIO(sample[key])))
-            label = int(sample["cls"]) if self.labeled else None
-        except (OSError, ValueError, KeyError, Image.DecompressionBombError) as error:
-            self._count_skip(f"skipping unreadable image {where}: {error}")
+            image = load_rgb(io.BytesIO(sample[key]))
+            label = self._label(sample) if self.labeled else None
+        except (*READ_ERRORS, KeyError) as error:
+            self._count_skip(f"skipping unreadable sample {where}: {error}")
             return None
+        if position is not None and get_worker_info() is not None:
+            seed_sample_rngs(self.seed, *position)
+        image = augment(self.transform, image, where)
         return (image, label) if self.labeled else image
+
+    def _label(self, sample: dict) -> int:
+        """The sample's ``cls`` as a class index; a ValueError if missing, not an integer or not
+        one of the shard set's classes."""
+        if "cls" not in sample:
+            raise ValueError("no 'cls' label")
+        label = int(sample["cls"])
+        if self.classes and not 0 <= label < len(self.classes):
+            raise ValueError(f"label {label} is not one of the {len(self.classes)} classes of shards.json")
+        return label
 
     def _count_skip(self, message: str) -> None:
         with self._skipped.get_lock():

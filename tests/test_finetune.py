@@ -188,3 +188,17 @@ def test_two_epochs_equal_one_plus_one_with_resume(labeled_folder, pretrained, t
     for part in ("model", "model_ema"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key}"
+
+
+def test_default_randaugment_runs_on_every_pillow(labeled_folder, tmp_path):
+    """RandAugment's increasing posterize keeps 0 bits at magnitude 10, which Pillow 13 refuses:
+    the fine-tuning transform must apply every op at every magnitude without an error."""
+    from PIL import Image
+
+    from fcmae.cli.finetune import build_parser
+    from fcmae.finetune import build_datasets
+    args = build_parser().parse_args(QUICK + ["--data-path", str(labeled_folder), "--aa", "rand-m10-mstd0-inc1"])
+    train, _ = build_datasets(args, tmp_path)
+    image = Image.open(next((labeled_folder / "train" / "class0").iterdir())).convert("RGB")
+    for _ in range(200):   # two of ~15 ops per call: posterize is drawn ~25 times
+        assert train.transform(image).shape == (3, 64, 64)

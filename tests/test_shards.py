@@ -140,6 +140,7 @@ def write_tar(path, members):
     ("failing pipe", "hold no readable image"),
     ("pipe without index", "--shard-index"),
     ("too few shards", "cannot feed"),
+    ("no usable sample", "in a row"),
 ])
 def test_bad_shards_end_with_one_error_line(case, message, packed, tmp_path, capsys):
     extra = []
@@ -153,9 +154,13 @@ def test_bad_shards_end_with_one_error_line(case, message, packed, tmp_path, cap
         spec, extra = "pipe:false x.tar", ["--shard-index", tmp_path / "index.json", "--num-workers", "0"]
     elif case == "pipe without index":
         spec = "pipe:cat x.tar"
+    elif case == "no usable sample":    # counted in the index, but every sample is not an image
+        write_tar(tmp_path / "bad-000.tar", {f"{i:04d}.jpg": b"not a jpeg" for i in range(4)})
+        (tmp_path / "shards.json").write_text(json.dumps({"shards": [{"name": "bad-000.tar", "samples": 4}]}))
+        spec, extra = f"{tmp_path}/bad-000.tar", ["--num-workers", "0", "--batch-size", "2"]
     else:
         spec, extra = spec_of(packed, 1), ["--num-workers", "2"]
-    with pytest.warns(UserWarning) if case == "failing pipe" else _nothing():
+    with pytest.warns(UserWarning) if case in ("failing pipe", "no usable sample") else _nothing():
         code = exit_code(pretrain.main, PRETRAIN + ["--data-path", spec, "--epochs", "1",
                                                     "--output-dir", tmp_path / "out", *extra])
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
@@ -201,3 +206,24 @@ except DataError as error:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "refused: tar shards need the webdataset package" in result.stdout
+
+
+def test_labels_outside_the_classes_are_skipped_and_counted(tmp_path):
+    """Labels checked as read: -1, 3 of 2 classes, missing or not a number are skipped (with the
+    shard and key named), never handed to the loss."""
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    members = {"0000.png": png.getvalue(), "0000.cls": b"1"}
+    for key, label in (("0001", b"-1"), ("0002", b"3"), ("0003", b"one")):
+        members |= {f"{key}.png": png.getvalue(), f"{key}.cls": label}
+    members["0004.png"] = png.getvalue()
+    write_tar(tmp_path / "s-000.tar", members)
+    index = {"shards": [{"name": "s-000.tar", "samples": 5}], "classes": ["a", "b"]}
+    (tmp_path / "shards.json").write_text(json.dumps(index))
+    stream = ShardImages(open_shard_set(f"{tmp_path}/s-000.tar"), to_array, labeled=True, batch_size=1, train=False)
+    with pytest.warns(UserWarning) as warned:
+        items = list(stream)
+    assert [label for _, label in items] == [1]
+    assert stream.num_skipped == 4
+    messages = " ".join(str(w.message) for w in warned)
+    assert "s-000.tar:0002" in messages and "not one of the 2 classes" in messages and "no 'cls'" in messages
