@@ -325,11 +325,10 @@ def training_checkpoint(weights: dict[str, Any], optimizer: torch.optim.Optimize
             "model_name": model_name, "rng": rng, "format": FORMAT}
 
 
-def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler, model_name: str,
-                    rank: int, world_size: int,
-                    extra_modules: dict[str, Any] | None = None) -> tuple[int, int]:
-    """Restore model, optimizer, scaler, RNG (and e.g. ``{'model_ema': ema}``) to continue
-    exactly; returns (next epoch, global step)."""
+def load_training_weights(path: str | os.PathLike, model: nn.Module, model_name: str) -> dict[str, Any]:
+    """Load the model weights of a training checkpoint (ours, or official with no format
+    entry) into ``model``, checked to fit; returns the whole checkpoint (optimizer and the rest
+    untouched: evaluation needs only the weights)."""
     checkpoint = load_checkpoint(path)
     if checkpoint.get("format", FORMAT) != FORMAT:   # official checkpoints carry no format entry
         raise CheckpointError(f"{str(path)!r} is in checkpoint format {checkpoint['format']!r}; this version of "
@@ -337,6 +336,15 @@ def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler
     state = state_dict_of(checkpoint)
     check_compatible(model.state_dict(), state, model_name, checkpoint.get("model_name"), path)
     model.load_state_dict(state)
+    return checkpoint
+
+
+def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler, model_name: str,
+                    rank: int, world_size: int,
+                    extra_modules: dict[str, Any] | None = None) -> tuple[int, int]:
+    """Restore model, optimizer, scaler, RNG (and e.g. ``{'model_ema': ema}``) to continue
+    exactly; returns (next epoch, global step)."""
+    checkpoint = load_training_weights(path, model, model_name)
     if checkpoint.get("optimizer"):
         optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):

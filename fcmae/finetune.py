@@ -52,31 +52,41 @@ def with_any_bit_posterize(transform):
     return transform
 
 
-def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, Dataset]:
-    """Train and validation sets with the same classes: ``DATA/train`` and ``DATA/val``
-    ImageFolder trees, or tar shards with ``cls`` labels (``--data-path`` and
-    ``--val-data-path`` shard specs; classes from ``shards.json``)."""
+def train_dataset(args: argparse.Namespace, cache_dir: Path) -> Dataset:
+    """The training split with timm augmentation: ``DATA/train`` (an ImageFolder tree) or tar
+    shards with ``cls`` labels (``--data-path``, classes from ``shards.json``)."""
     augment = dict(scale=(args.crop_min_scale, 1.0), hflip=args.hflip, color_jitter=None, interpolation="bicubic",
                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if args.linear_probe:   # crops and flips only, as the official probing recipe
-        train_tf = create_transform(args.input_size, is_training=True, auto_augment=None, re_prob=0.0, **augment)
+        transform = create_transform(args.input_size, is_training=True, auto_augment=None, re_prob=0.0, **augment)
     else:
-        train_tf = with_any_bit_posterize(create_transform(args.input_size, is_training=True,
-                                                           auto_augment=args.aa or None, re_prob=args.reprob,
-                                                           re_mode="pixel", re_count=1, **augment))
+        transform = with_any_bit_posterize(create_transform(args.input_size, is_training=True,
+                                                            auto_augment=args.aa or None, re_prob=args.reprob,
+                                                            re_mode="pixel", re_count=1, **augment))
+    path = args.data_path if is_shard_spec(args.data_path) else str(Path(args.data_path) / "train")
+    return labeled_dataset(path, transform, args, cache_dir / "file-list-train.txt", train=True)
+
+
+def val_dataset(args: argparse.Namespace, cache_dir: Path | None) -> Dataset:
+    """The validation split (center crops): ``--val-data-path`` (a folder or labeled shards),
+    else ``DATA/val``; ``cache_dir`` None writes no file list (evaluation writes nothing)."""
     if is_shard_spec(args.data_path) and not args.val_data_path:
         raise DataError("training from shards needs --val-data-path (a folder or shards with 'cls' labels)")
-    val_path = args.val_data_path or str(Path(args.data_path) / "val")
-    train = labeled_dataset(args.data_path if is_shard_spec(args.data_path) else str(Path(args.data_path) / "train"),
-                            train_tf, args, cache_dir / "file-list-train.txt", train=True)
-    val = labeled_dataset(val_path, eval_transform(args.input_size, args.eval_crop_pct), args,
-                          cache_dir / "file-list-val.txt", train=False)
+    path = args.val_data_path or str(Path(args.data_path) / "val")
+    return labeled_dataset(path, eval_transform(args.input_size, args.eval_crop_pct), args,
+                           cache_dir / "file-list-val.txt" if cache_dir else None, train=False)
+
+
+def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, Dataset]:
+    """Train and validation sets with the same classes (:func:`train_dataset`, :func:`val_dataset`)."""
+    val = val_dataset(args, cache_dir)
+    train = train_dataset(args, cache_dir)
     if train.classes != val.classes:
         raise DataError(f"train and val classes differ: {train.classes[:5]} vs {val.classes[:5]}")
     return train, val
 
 
-def labeled_dataset(path: str, transform, args: argparse.Namespace, cache: Path, train: bool) -> Dataset:
+def labeled_dataset(path: str, transform, args: argparse.Namespace, cache: Path | None, train: bool) -> Dataset:
     """One labeled split: an ImageFolder tree or ``cls``-labeled tar shards."""
     if not is_shard_spec(path):
         return labeled_images(path, transform, args.seed, cache)
@@ -146,30 +156,55 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str) -> dict[s
     if distributed.is_distributed():
         torch.distributed.all_reduce(totals)
     loss, top1, top5, count = totals.tolist()
+    if count == 0:
+        raise DataError("no validation image could be read (see the warnings above)")
     return {"acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "val_loss": loss / count}
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, float]:
+    """``--eval``: the weights of ``--resume`` (a fine-tuning checkpoint; its optimizer is not
+    read, so the training run's flags are not needed) or ``--finetune`` on the validation
+    split. Builds no optimizer and writes nothing."""
+    resume = ckpt.find_resume(args.resume, Path(args.output_dir))
+    if not args.finetune and resume is None:
+        raise ckpt.CheckpointError("--eval needs weights to evaluate: pass --finetune PATH, or --resume "
+                                   "PATH (or auto, with a checkpoint in --output-dir)")
+    rank, world_size, device = setup_run(args)
+    val_set = val_dataset(args, None)
+    model = create_model(args.model, num_classes=len(val_set.classes), **model_kwargs(args, device))
+    if resume is not None:
+        ckpt.load_training_weights(resume, model, args.model)
+    else:
+        load_pretrained(model, args.finetune, args.model)
+    metrics = evaluate(model.to(device), val_loader(val_set, args, rank, world_size), device, args.amp)
+    log.info(f"eval: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
+             f"loss {metrics['val_loss']:.4f} on {len(val_set)} images ({resume or args.finetune})")
+    return metrics
+
+
+def val_loader(val_set: Dataset, args: argparse.Namespace, rank: int, world_size: int) -> DataLoader:
+    """Each rank evaluates its own slice (shards split themselves), no padding: reduced counts are exact."""
+    return DataLoader(val_set if isinstance(val_set, IterableDataset) else
+                      Subset(val_set, range(rank, len(val_set), world_size)),
+                      batch_size=args.batch_size, num_workers=args.num_workers)
 
 
 def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     """Fine-tune (or linear-probe, or just evaluate); returns the last validation metrics."""
+    if args.eval:
+        return run_evaluation(args)
     output_dir = Path(args.output_dir)
-    if args.eval and not args.finetune and ckpt.find_resume(args.resume, output_dir) is None:
-        raise ckpt.CheckpointError("--eval needs weights to evaluate: pass --finetune PATH, or --resume "
-                                   "PATH (or auto, with a checkpoint in --output-dir)")
     if args.batch_size % 2 and not args.linear_probe and (args.mixup > 0 or args.cutmix > 0):
         raise ValueError(f"--batch-size {args.batch_size} is odd; mixup/cutmix mix pairs of images: use an "
                          f"even batch size, or --mixup 0 --cutmix 0")
     rank, world_size, device = setup_run(args)
-    if not args.eval:
-        prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir)
+    prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir)
 
     train_set, val_set = build_datasets(args, output_dir)
     num_classes = len(train_set.classes)
     loader = make_train_loader(train_set, args.batch_size, args.num_workers, device, args.seed,
                                args.accum_iter, args.steps_per_epoch)
-    # each rank evaluates its own slice (shards split themselves), no padding: reduced counts are exact
-    val_loader = DataLoader(val_set if isinstance(val_set, IterableDataset) else
-                            Subset(val_set, range(rank, len(val_set), world_size)),
-                            batch_size=args.batch_size, num_workers=args.num_workers)
+    validation = val_loader(val_set, args, rank, world_size)
 
     drop_path = 0.0 if args.linear_probe else args.drop_path   # a frozen encoder computes deterministic features
     model = create_model(args.model, num_classes=num_classes, drop_path_rate=drop_path,
@@ -185,11 +220,6 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
               if args.layer_decay != 1.0 else param_groups(model, args.weight_decay))
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     run = start_training(args, model, groups, device, extra_state={"model_ema": ema} if ema else None)
-    if args.eval:
-        metrics = evaluate(model, val_loader, device, args.amp)
-        log.info(f"eval: top-1 {metrics['acc1']:.2f}%  top-5 {metrics['acc5']:.2f}%  "
-                 f"loss {metrics['val_loss']:.4f} on {len(val_set)} images")
-        return metrics
     if run.start_epoch >= args.epochs:
         return {}
     criterion, mixup = make_loss(args, num_classes)
@@ -208,9 +238,9 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
 
     def evaluate_epoch(epoch: int) -> dict[str, float]:
         results.clear()
-        results.update(evaluate(model, val_loader, device, args.amp))
+        results.update(evaluate(model, validation, device, args.amp))
         if ema is not None:
-            results.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, args.amp).items()})
+            results.update({f"ema_{k}": v for k, v in evaluate(ema.module, validation, device, args.amp).items()})
         skipped = train_set.num_skipped + val_set.num_skipped
         return {**results, **({"skipped_image_reads": skipped} if skipped else {})}
 

@@ -202,3 +202,19 @@ def test_default_randaugment_runs_on_every_pillow(labeled_folder, tmp_path):
     image = Image.open(next((labeled_folder / "train" / "class0").iterdir())).convert("RGB")
     for _ in range(200):   # two of ~15 ops per call: posterize is drawn ~25 times
         assert train.transform(image).shape == (3, 64, 64)
+
+
+def test_eval_of_a_checkpoint_needs_no_training_flags_and_writes_nothing(labeled_folder, pretrained, tmp_path,
+                                                                         capsys):
+    """--eval --resume reads only the weights: another --layer-decay (a different optimizer
+    layout) does not matter, and the output folder is left exactly as it was."""
+    _, dense_path, _ = pretrained
+    out = tmp_path / "ft"
+    assert run_cli(QUICK + ["--data-path", labeled_folder, "--finetune", dense_path, "--output-dir", out,
+                            "--epochs", "1", "--layer-decay", "0.9", "--layer-decay-type", "single"]) == 0
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    assert run_cli(QUICK + ["--data-path", labeled_folder, "--eval", "--resume", out / "checkpoint-last.pth",
+                            "--output-dir", out]) == 0
+    assert "eval: top-1" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
