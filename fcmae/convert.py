@@ -162,15 +162,18 @@ def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, ou
                    input_size: int = 224) -> str:
     """Write converted weights atomically; the kind of file follows ``output``'s name:
 
-    * ``*.safetensors``: the tensors, with ``model_name`` and ``format`` as metadata;
+    * ``*.safetensors``: the tensors, with ``model_name``, ``format`` and the training
+      ``input_size`` as metadata;
     * no suffix, with ``fmt='timm'``: a timm model folder (:func:`write_timm_folder`) that
       ``timm.create_model('local-dir:FOLDER', pretrained=True)`` loads;
-    * anything else: ``torch.save`` (official: ``{'model': ...}``; timm: a bare state dict).
+    * anything else: ``torch.save`` (official: ``{'model': ..., 'model_name', 'input_size'}``;
+      timm: a bare state dict).
 
     Returns what was written, in words."""
     output = Path(output)
     if output.suffix == ".safetensors":
-        save_safetensors(dense_state, output, {"model_name": model_name, "format": f"{fmt}-dense"})
+        save_safetensors(dense_state, output, {"model_name": model_name, "format": f"{fmt}-dense",
+                                               "input_size": str(input_size)})
         return f"{fmt} safetensors file"
     if output.suffix == "":
         if fmt != "timm":
@@ -179,5 +182,6 @@ def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, ou
         atomic_folder(output, lambda folder: write_timm_folder(dense_state, model_name, folder, input_size))
         return "timm model folder (model.safetensors + config.json)"
     atomic_save(dense_state if fmt == "timm" else
-                {"model": dense_state, "model_name": model_name, "format": "official-dense"}, output)
+                {"model": dense_state, "model_name": model_name, "format": "official-dense",
+                 "input_size": input_size}, output)
     return f"{fmt} .pth file"

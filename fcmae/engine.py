@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .loader import BatchStream
-from .logger import RunLogger
+from .logger import LOG_FILE, RunLogger
 from .optim import cosine_lr, set_lr
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,17 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-def prepare_output(output_dir: Path, log_dir: Path) -> None:
+def prepare_output(output_dir: Path, log_dir: Path, resume: str | None = None, overwrite: bool = False) -> None:
     """Before any data is read: the output and log folders are writable, ``checkpoint-last.pth``
-    is a file if present, and temporary files of interrupted earlier runs are removed."""
+    is a file if present, a folder holding a run is continued (``resume``) or explicitly
+    replaced (``overwrite``), and temporary files of interrupted earlier runs are removed."""
     for folder in {output_dir, log_dir}:
         ckpt.check_output_dir(folder)
+    held = [path for path in (output_dir / ckpt.LAST, output_dir / LOG_FILE, log_dir / LOG_FILE) if path.is_file()]
+    if held and not resume and not overwrite:
+        raise ckpt.CheckpointError(f"{output_dir} already holds a run ({', '.join(sorted({p.name for p in held}))}); "
+                                   f"continue it with --resume auto, start over with --overwrite, or choose "
+                                   f"another --output-dir")
     if distributed.is_main_process():
         for stale in ckpt.remove_stale_temp_files(output_dir):
             log.warning(f"removed {stale}, left by an interrupted save")
@@ -179,10 +185,15 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
     return {"loss": sum(losses) / len(losses)}, step
 
 
-def mark_progress(interrupt: BaseException, epoch: int, step: int) -> None:
-    """Note on a KeyboardInterrupt / SIGTERM where training stood (the innermost note wins)."""
-    if not isinstance(interrupt, Exception) and not hasattr(interrupt, "progress"):
+def mark_progress(interrupt: BaseException, epoch: int, step: int, checkpoint: Path | None = None) -> None:
+    """Note on a KeyboardInterrupt / SIGTERM where training stood (the innermost note wins)
+    and the checkpoint ``--resume auto`` would continue from (None: nothing to resume)."""
+    if isinstance(interrupt, Exception):
+        return
+    if not hasattr(interrupt, "progress"):
         interrupt.progress = (epoch, step)
+    if checkpoint is not None and not hasattr(interrupt, "checkpoint"):
+        interrupt.checkpoint = checkpoint
 
 
 @dataclass
@@ -235,6 +246,7 @@ def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info:
     last = info.output_dir / ckpt.LAST
     batches = BatchStream(loader, run.start_epoch) if run.start_epoch < config.epochs else []
     epoch, step = run.start_epoch, run.step
+    saved = run.resume_path is not None and run.resume_path == last   # what --resume auto would find
     try:
         for epoch in range(run.start_epoch, config.epochs):
             stats, step = train_one_epoch(run.train_model, batches, run.optimizer, run.scaler, loss_fn, config,
@@ -255,6 +267,7 @@ def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info:
                 state = ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch, step, info.args,
                                                  info.model_name, rng)
                 ckpt.atomic_save(state, last)
+                saved = True
                 if info.save_every and (epoch + 1) % info.save_every == 0:   # named by epochs completed
                     ckpt.atomic_link(last, info.output_dir / f"checkpoint-{epoch + 1}.pth")
                 record = {"epoch": epoch, "epoch_loss": stats["loss"], **metrics}
@@ -262,6 +275,6 @@ def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info:
                 log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             distributed.barrier()
     except BaseException as interrupt:
-        mark_progress(interrupt, epoch, step)
+        mark_progress(interrupt, epoch, step, last if saved else None)
         raise
     return last

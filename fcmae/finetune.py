@@ -198,7 +198,8 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
         raise ValueError(f"--batch-size {args.batch_size} is odd; mixup/cutmix mix pairs of images: use an "
                          f"even batch size, or --mixup 0 --cutmix 0")
     rank, world_size, device = setup_run(args)
-    prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir)
+    prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir, args.resume,
+                   args.overwrite)
 
     train_set, val_set = build_datasets(args, output_dir)
     num_classes = len(train_set.classes)

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from .checkpoint import atomic_write
 
+LOG_FILE = "log.jsonl"
+
 
 class RunLogger:
     """Rank-0 logger writing ``log.jsonl`` and TensorBoard events to ``log_dir``.
@@ -20,15 +22,16 @@ class RunLogger:
 
     def __init__(self, log_dir: str | os.PathLike | None, enabled: bool = True,
                  resume_step: int | None = None) -> None:
-        """``resume_step``: the run continues after this global step, so records of later steps
-        (written before an interruption) are dropped from ``log.jsonl`` and TensorBoard."""
+        """``resume_step``: the run continues after this global step (0: a fresh start), so
+        records of later steps (written before an interruption, or by a run started over) are
+        dropped from ``log.jsonl`` and TensorBoard."""
         self.enabled = enabled and log_dir is not None
         self.writer = None
         self.jsonl = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            jsonl_path = Path(log_dir) / "log.jsonl"
+            jsonl_path = Path(log_dir) / LOG_FILE
             if resume_step is not None and jsonl_path.is_file():
                 _truncate_jsonl(jsonl_path, resume_step)
             self.writer = SummaryWriter(log_dir=str(log_dir),

@@ -49,7 +49,8 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     check_args(args)
     _, world_size, device = setup_run(args)
     output_dir = Path(args.output_dir)
-    prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir)
+    prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir, args.resume,
+                   args.overwrite)
 
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.seed, args.batch_size,
                                      args.shard_index, cache=output_dir / "file-list.txt")

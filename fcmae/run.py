@@ -72,7 +72,7 @@ def train(run: TrainingRun, args: argparse.Namespace, loader, loss_fn: LossFn,
     gives the hooks. Returns the path of the last checkpoint."""
     output_dir = Path(args.output_dir)
     logger = RunLogger(Path(args.log_dir) if args.log_dir else output_dir, enabled=distributed.is_main_process(),
-                       resume_step=run.step if run.resume_path is not None else None)
+                       resume_step=run.step)   # a fresh start (step 0) keeps no record of an earlier one
     config = TrainingConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
                             accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=args.amp)
     try:

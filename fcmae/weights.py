@@ -8,6 +8,7 @@ from the file or inferred from its tensor shapes.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,23 +48,48 @@ def timm_to_dense(state: dict[str, Tensor], model_name: str) -> dict[str, Tensor
             for key, value in state.items() if key in official_key}
 
 
+def trained_input_size(checkpoint: dict, folder: Path | None = None) -> int | None:
+    """The image side the weights were trained at, where the file says: a training run's saved
+    ``args``, ``input_size`` written by ``fcmae-convert`` (also as safetensors metadata), or a
+    timm folder's ``config.json``; None where nothing says (e.g. official files)."""
+    saved_args = checkpoint.get("args") or {}
+    saved_args = saved_args if isinstance(saved_args, dict) else vars(saved_args)
+    value = saved_args.get("input_size") or checkpoint.get("input_size")
+    if value is None and folder is not None and (folder / "config.json").is_file():
+        try:
+            value = json.loads((folder / "config.json").read_text())["pretrained_cfg"]["input_size"][-1]
+        except (ValueError, KeyError, IndexError, TypeError):
+            value = None
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        return None
+    return size if 32 <= size <= 8192 and size % 32 == 0 else None
+
+
 def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -> tuple[dict[str, Tensor], str]:
     """(official-layout dense weights, model name) for any supported source."""
+    return _load_dense(source, model_name)[:2]
+
+
+def _load_dense(source: str | os.PathLike, model_name: str | None) -> tuple[dict[str, Tensor], str, int | None]:
     path = Path(source)
-    if path.is_dir() and (path / "model.safetensors").is_file():
+    folder = path if path.is_dir() else None
+    if folder is not None and (path / "model.safetensors").is_file():
         path = path / "model.safetensors"
     checkpoint = ckpt.load_checkpoint(path)
+    input_size = trained_input_size(checkpoint, folder)
     state = ckpt.state_dict_of(checkpoint)
     model_name = model_name or checkpoint.get("model_name")
     if any(key.startswith(ENCODER_PREFIX) for key in state):
         from .convert import convert_state
         dense, name = convert_state(state, model_name)
-        return dense, name
+        return dense, name, input_size
     if model_name is None:
         try:
             from .convert import infer_model_name
             model_name = infer_model_name(encoder_state(state))      # a bare sparse encoder
-            return encoder_to_dense(state, model_name), model_name
+            return encoder_to_dense(state, model_name), model_name, input_size
         except ckpt.CheckpointError:
             pass
         timm_names = [name for name in list_models() if get_model_entry(name).family.timm_filter_fn is not None
@@ -71,8 +97,8 @@ def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -
         model_name = timm_names[0] if timm_names else infer_dense_model_name(state)
     get_model_entry(model_name)
     if in_timm_layout(state, model_name):
-        return timm_to_dense(state, model_name), model_name
-    return state, model_name
+        return timm_to_dense(state, model_name), model_name, input_size
+    return state, model_name, input_size
 
 
 def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed: int = 0,
@@ -81,17 +107,33 @@ def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed:
     module docstring; ``random:MODEL`` for random init, drawn from ``seed`` without touching the
     global random streams). Returns (model, model name).
 
-    ``model.forward_features(images)`` → (B, C, H/32, W/32); see :func:`extract_features`."""
+    ``model.forward_features(images)`` → (B, C, H/32, W/32); see :func:`extract_features`.
+    ``model.pretrained_cfg["input_size"]`` is (3, S, S) with the side S the weights were
+    trained at (timm's convention), or None where the file does not say."""
     from . import create_model
     if str(source).startswith(RANDOM_PREFIX):
         model_name = str(source)[len(RANDOM_PREFIX):]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return create_model(model_name, num_classes=0, **model_kwargs).eval(), model_name
-    state, model_name = load_dense_state(source, model_name)
+            model = create_model(model_name, num_classes=0, **model_kwargs).eval()
+        model.pretrained_cfg = {"input_size": None}
+        return model, model_name
+    state, model_name, input_size = _load_dense(source, model_name)
     model = create_model(model_name, num_classes=0, **model_kwargs)
     ckpt.load_body(model, state, model_name, source)
+    model.pretrained_cfg = {"input_size": (3, input_size, input_size) if input_size else None}
     return model.eval(), model_name
+
+
+def input_size_for(model: nn.Module, requested: int | None, default: int = 224) -> tuple[int, str]:
+    """The image side to evaluate ``model`` at, and where it came from: ``requested`` (the
+    command line), else the side its weights were trained at, else ``default``."""
+    if requested:
+        return requested, "--input-size"
+    trained = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if trained:
+        return trained[-1], "the weights' training size"
+    return default, "default; the weights do not say"
 
 
 @torch.no_grad()

@@ -68,3 +68,28 @@ def test_monitor_data_problems_stop_before_training(tmp_path, labeled_folder, ca
                                      "--knn-data-path", labeled_folder / "train"]) == 2
     assert "is not a directory" in capsys.readouterr().err           # DATA/train/train: no train/ split
     assert not (out / "checkpoint-last.pth").exists()
+
+
+def test_knn_and_analyze_default_to_the_size_the_weights_were_trained_at(labeled_folder, tmp_path, capsys):
+    """A 64-px run's checkpoint, and its dense conversion, are evaluated at 64 px unless
+    --input-size says otherwise; the output names the size and where it came from."""
+    from fcmae.cli.analyze import main as analyze_main
+    from fcmae.cli.convert import main as convert_main
+    torch.manual_seed(0)
+    model = fcmae.create_fcmae("convnextv2_atto", decoder_dim=16)
+    torch.save({"model": model.state_dict(), "args": {"input_size": 64}}, tmp_path / "fcmae.pth")
+    assert exit_code(convert_main, [tmp_path / "fcmae.pth", "-o", tmp_path / "dense.pth"]) == 0
+    for weights in ("fcmae.pth", "dense.pth"):
+        capsys.readouterr()
+        assert exit_code(knn_main, [tmp_path / weights, "--data-path", labeled_folder, "--k", 3,
+                                    "--num-workers", 0]) == 0
+        assert "images at 64px (the weights' training size)" in capsys.readouterr().err, weights
+    assert exit_code(knn_main, [tmp_path / "fcmae.pth", "--data-path", labeled_folder, "--k", 3,
+                                "--num-workers", 0, "--input-size", 96]) == 0
+    assert "images at 96px (--input-size)" in capsys.readouterr().err
+    assert exit_code(analyze_main, [tmp_path / "fcmae.pth", "--data-path", labeled_folder / "val",
+                                    "-o", tmp_path / "collapse.png"]) == 0
+    assert json.loads((tmp_path / "collapse.json").read_text())["input_size"] == 64
+    assert exit_code(analyze_main, [tmp_path / "fcmae.pth", "random:convnextv2_atto", "--data-path",
+                                    labeled_folder / "val", "-o", tmp_path / "two.png"]) == 0
+    assert json.loads((tmp_path / "two.json").read_text())["input_size"] == 64

@@ -214,3 +214,38 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path, capsys):
 def test_official_underscore_aliases_parse():
     args = build_parser().parse_args(["--mask_ratio", "0.75", "--data_path", "x", "--batch_size", "8"])
     assert (args.mask_ratio, args.data_path, args.batch_size) == (0.75, "x", 8)
+
+
+def interrupt_after_step(monkeypatch, stop_step):
+    """Ctrl-C right after global step ``stop_step`` was logged (mid-epoch)."""
+    import fcmae.logger
+    real = fcmae.logger.RunLogger.log
+
+    def log(self, record, step, prefix="train"):
+        real(self, record, step, prefix)
+        if prefix == "train" and step == stop_step:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(fcmae.logger.RunLogger, "log", log)
+
+
+def test_a_folder_holding_a_run_is_continued_or_replaced_never_appended_to(image_folder, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Ctrl-C before the first checkpoint says there is nothing to resume; a fresh run into a
+    folder holding one is refused; --resume auto (nothing to resume) and --overwrite start over
+    without logging any step twice."""
+    common = QUICK + ["--data-path", str(image_folder), "--epochs", "1", "--output-dir", str(tmp_path)]
+    with monkeypatch.context() as patch:
+        interrupt_after_step(patch, 2)
+        assert run_cli(common) == 130
+    assert "before the first checkpoint: nothing to resume" in capsys.readouterr().err
+    assert run_cli(common) == 2
+    assert "already holds a run (log.jsonl); continue it with --resume auto" in capsys.readouterr().err
+    for again in (["--resume", "auto"], ["--overwrite"]):
+        assert run_cli(common + again) == 0
+        steps = [record["step"] for record in read_jsonl(tmp_path / "log.jsonl") if "loss" in record]
+        assert steps == sorted(set(steps)) and len(steps) == 4, (again, steps)
+    with monkeypatch.context() as patch:
+        interrupt_after_step(patch, 5)
+        assert run_cli(QUICK + ["--data-path", str(image_folder), "--epochs", "2", "--output-dir", str(tmp_path),
+                                "--resume", "auto"]) == 130
+    assert f"--resume auto continues from {tmp_path / 'checkpoint-last.pth'}" in capsys.readouterr().err

@@ -34,12 +34,23 @@ def run_or_exit(prog: str, job: Callable[[], object], user_errors: tuple[type[Ba
     except user_errors as error:
         _fail(prog, error)
     except (KeyboardInterrupt, Terminated) as interrupt:
-        where = getattr(interrupt, "progress", None)
-        resume = f" at epoch {where[0]}, step {where[1]}; resume with --resume auto" if where else ""
-        print(f"{prog}: interrupted{resume}", file=sys.stderr)
+        print(f"{prog}: interrupted{interrupted_where(interrupt)}", file=sys.stderr)
         raise SystemExit(143 if isinstance(interrupt, Terminated) else 130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_where(interrupt: BaseException) -> str:
+    """Where an interrupted run stood and what resuming it does (see ``engine.mark_progress``)."""
+    where = getattr(interrupt, "progress", None)
+    if where is None:
+        return ""
+    epoch, step = where
+    checkpoint = getattr(interrupt, "checkpoint", None)
+    if checkpoint is None:
+        return (f" at epoch {epoch}, step {step}, before the first checkpoint: nothing to resume "
+                f"(--resume auto starts over)")
+    return f" at epoch {epoch}, step {step}; --resume auto continues from {checkpoint}"
 
 
 def number(kind: type = float, low: float | None = None, high: float | None = None,
@@ -122,7 +133,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="recompute each block's activations in backward instead of keeping them (not RevCol: reversible)")
     add("--num-workers", "--num_workers", type=NON_NEGATIVE_INT, default=2, help="data loader workers per process")
     add("--seed", type=SEED, default=0)
-    add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT/checkpoint-last.pth if present")
+    add("--resume", default=None, help="checkpoint path, or 'auto' for OUTPUT/checkpoint-last.pth if present "
+                                       "(else a fresh start)")
+    add("--overwrite", action="store_true",
+        help="start a fresh run in an --output-dir that holds one (its checkpoint and logs are replaced)")
     add("--save-every", "--save_every", type=NON_NEGATIVE_INT, default=0,
         help="also keep checkpoint-E.pth every N epochs, E = epochs completed (a hard link to "
              "checkpoint-last.pth, which is always written)")

@@ -19,7 +19,7 @@ from ..data import (
     find_images,
     load_center_crops,
 )
-from ..weights import load_encoder
+from ..weights import input_size_for, load_encoder
 from . import HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
 
 log = logging.getLogger("fcmae.cli")
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-o", "--output", required=True, help="the plot, e.g. collapse.png (its folder must exist)")
     add("--data-path", default=None, help="folder of images (default: the built-in demo photos)")
     add("--max-images", type=number(int, 1), default=64, help="analyse at most this many images (sorted by path)")
-    add("--input-size", type=number(int, 32), default=224, help="center crop side in pixels")
+    add("--input-size", type=number(int, 32), default=None,
+        help="center crop side in pixels (default: the size the weights were trained at, else 224)")
     add("--batch-size", type=number(int, 1), default=8)
     add("--where", choices=WHERE, default="expansion",
         help="expansion: the MLP's expansion output after its activation (and GRN), the input of its "
@@ -70,6 +71,21 @@ def parse_weights(spec: str) -> tuple[str, str]:
     return (spec if spec.startswith("random:") else Path(spec).stem if Path(spec).suffix else Path(spec).name), spec
 
 
+def common_input_size(models: list, requested: int | None) -> int:
+    """One image side for every compared model: ``requested``, else the size their weights were
+    trained at (they must agree), else 224; logged with where it came from."""
+    if requested:
+        log.info(f"images at {requested}px (--input-size)")
+        return requested
+    sizes = {input_size_for(model, None) for model in models}
+    trained = {size for size, source in sizes if source == "the weights' training size"}
+    if len(trained) > 1:
+        raise ValueError(f"the weights were trained at different sizes ({sorted(trained)} px): pass --input-size")
+    size, source = (next(iter(trained)), "the weights' training size") if trained else (224, "default")
+    log.info(f"images at {size}px ({source})")
+    return size
+
+
 def stage_boundaries(names: list[str], stages: list[int]) -> list[float]:
     return [index - 0.5 for index in range(1, len(names)) if stages[index] != stages[index - 1]]
 
@@ -77,9 +93,10 @@ def stage_boundaries(names: list[str], stages: list[int]) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     output = check_output_file(args.output, (".png",))
     device = torch.device(args.device)
-    images = load_images(args.data_path, args.input_size, args.max_images)
     sources = [parse_weights(spec) for spec in args.weights]
     models = [(label, *load_encoder(source, args.model, args.seed)) for label, source in sources]   # load all first
+    input_size = common_input_size([model for _, model, _ in models], args.input_size)
+    images = load_images(args.data_path, input_size, args.max_images)
     results, maps = [], []
     for label, model, model_name in models:
         model.to(device)
@@ -93,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             point = _pick_point(points, args.feature_maps)
             maps.append((label, point.name, feature_maps(model, point, images[min(args.image_index, len(images) - 1)]
                                                           .to(device), args.where, args.channels).cpu()))
-    report = {"where": args.where, "images": len(images), "input_size": args.input_size, "results": results}
+    report = {"where": args.where, "images": len(images), "input_size": input_size, "results": results}
     _print_table(results)
     figure = _plot(results, args.where, len(images))
     atomic_write(output, lambda file: figure.savefig(file, format="png", dpi=120))

@@ -9,7 +9,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..knn import knn_evaluate, knn_splits
-from ..weights import extract_features, load_encoder
+from ..weights import extract_features, input_size_for, load_encoder
 from . import HelpFormatter, add_log_level_argument, configure_logging, number, run_or_exit
 
 log = logging.getLogger("fcmae.cli")
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("weights", help="FCMAE checkpoint, dense or timm weights, or random:MODEL (as fcmae-analyze)")
     add("--data-path", required=True, help="ImageFolder with train/ and val/")
     add("--k", type=number(int, 1), default=20)
-    add("--input-size", type=number(int, 32), default=224)
+    add("--input-size", type=number(int, 32), default=None,
+        help="image side (default: the size the weights were trained at, else 224)")
     add("--eval-crop-pct", type=number(float, 0, 1, low_open=True), default=0.875,
         help="resize to input-size / pct, then center crop (1.0: no border cut)")
     add("--max-images", type=number(int, 1), default=None, help="images per split at most (spread over classes)")
@@ -40,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> float:
     encoder, model_name = load_encoder(args.weights, args.model, args.seed)
-    train, val, classes = knn_splits(args.data_path, args.input_size, args.max_images, args.eval_crop_pct)
+    input_size, source = input_size_for(encoder, args.input_size)
+    log.info(f"{model_name}: images at {input_size}px ({source})")
+    train, val, classes = knn_splits(args.data_path, input_size, args.max_images, args.eval_crop_pct)
     encoder.to(args.device)
     top1 = knn_evaluate(lambda images: extract_features(encoder, images), train, val, args.k, args.batch_size,
                         torch.device(args.device), args.num_workers)
-    log.info(f"{model_name}: k-NN (k={args.k}) top-1 {top1:.2f}% on {len(val)} val images, {len(train)} train "
-             f"images, {len(classes)} classes")
+    log.info(f"{model_name}: k-NN (k={min(args.k, len(train))}) top-1 {top1:.2f}% on {len(val)} val images, "
+             f"{len(train)} train images, {len(classes)} classes, {input_size}px")
     return top1
 
 
