@@ -135,6 +135,17 @@ def verify(sparse_state: dict[str, Tensor], dense_state: dict[str, Tensor], mode
     return worst
 
 
+TIMM_FOLDER_FILES = frozenset({"model.safetensors", "config.json"})
+
+
+def is_export_folder(folder: Path) -> bool:
+    """True when ``folder`` holds nothing but what :func:`write_timm_folder` writes (or nothing):
+    the only kind of folder ``fcmae-convert --force`` may replace."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    return {entry.name for entry in folder.iterdir()} <= TIMM_FOLDER_FILES
+
+
 def write_timm_folder(timm_state: dict[str, Tensor], model_name: str, folder: Path, input_size: int = 224) -> None:
     """A timm model folder: ``model.safetensors`` (a head-less model, ``num_classes=0``; the
     final ``head.norm`` keeps its fresh identity values so the folder loads strictly) and the

@@ -227,6 +227,14 @@ class ImageFiles(Dataset):
         raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
 
 
+def spread_indices(count: int, max_items: int | None) -> list[int]:
+    """At most ``max_items`` of ``range(count)``, evenly spaced: over a class-sorted list (an
+    ImageFolder's files, a labeled dataset) every class keeps its share."""
+    if max_items is None or count <= max_items:
+        return list(range(count))
+    return torch.linspace(0, count - 1, max_items).round().long().tolist()
+
+
 def class_labels(root: Path, files: Sequence[Path]) -> tuple[list[Path], list[int], list[str]]:
     """The ImageFolder layout (``root/<class>/**/<image>``) of ``files`` found under ``root``:
     (the files inside a class folder, the class index of each, the sorted class names)."""

@@ -25,10 +25,13 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, labele
 from .engine import AMP_DTYPES, Callbacks, move_to, prepare_output, setup_run
 from .loader import make_train_loader
 from .optim import layer_decay_param_groups, param_groups
-from .run import model_kwargs, scale_lr, start_training, train
+from .run import model_kwargs, resolve_warmup, scale_lr, start_training, train
 from .shards import SHARD_INDEX, ShardImages, is_shard_spec, open_shard_set
 
 log = logging.getLogger(__name__)
+
+# Official ConvNeXt V2 fine-tuning schedule (base): 100 epochs, 20 of them warm-up.
+FINETUNE_RECIPE = dict(epochs=100, warmup_epochs=20)
 
 
 def posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -193,6 +196,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     """Fine-tune (or linear-probe, or just evaluate); returns the last validation metrics."""
     if args.eval:
         return run_evaluation(args)
+    resolve_warmup(args, FINETUNE_RECIPE["epochs"], FINETUNE_RECIPE["warmup_epochs"])
     output_dir = Path(args.output_dir)
     if args.batch_size % 2 and not args.linear_probe and (args.mixup > 0 or args.cutmix > 0):
         raise ValueError(f"--batch-size {args.batch_size} is odd; mixup/cutmix mix pairs of images: use an "
@@ -236,10 +240,13 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
             ema.update(model, step=global_step)
 
     results: dict[str, float] = {}
+    best = {"acc1": -1.0, "epoch": -1}
 
     def evaluate_epoch(epoch: int) -> dict[str, float]:
         results.clear()
         results.update(evaluate(model, validation, device, args.amp))
+        if results["acc1"] > best["acc1"]:
+            best.update(acc1=results["acc1"], epoch=epoch)
         if ema is not None:
             results.update({f"ema_{k}": v for k, v in evaluate(ema.module, validation, device, args.amp).items()})
         skipped = train_set.num_skipped + val_set.num_skipped
@@ -249,7 +256,12 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     log.info(f"fcmae-finetune ({mode}): {args.model}, {num_classes} classes, {len(train_set)} train / "
              f"{len(val_set)} val images, eff. batch {effective_batch}, lr {args.lr:.3g}, "
              f"weights {args.finetune or 'random init'}")
-    train(run, args, loader, classification_loss, lambda logger: Callbacks(
+    last = train(run, args, loader, classification_loss, lambda logger: Callbacks(
         on_step=update_ema, end_of_epoch=evaluate_epoch,
         extra_state=(lambda: {"model_ema": ema.state_dict()}) if ema else None))
+    ema_note = f", EMA {results['ema_acc1']:.2f}%" if "ema_acc1" in results else ""
+    log.info(f"done: top-1 {results['acc1']:.2f}% after the last epoch{ema_note} (best {best['acc1']:.2f}% after "
+             f"epoch {best['epoch']}, counting from 0) on {len(val_set)} val images; checkpoint {last}\n"
+             f"next: fcmae-finetune --data-path {args.data_path} --model {args.model} --input-size {args.input_size} "
+             f"--eval --resume {last}")
     return results

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import eval_transform, labeled_images
+from .data import eval_transform, labeled_images, spread_indices
 
 FeatureFn = Callable[[Tensor], Tensor]   # images (B, 3, H, W) → pooled features (B, C)
 
@@ -27,7 +27,7 @@ def spread_subset(dataset: Dataset, max_items: int | None) -> Dataset:
     class keeps its share; the dataset itself when it is small enough."""
     if max_items is None or len(dataset) <= max_items:
         return dataset
-    return Subset(dataset, torch.linspace(0, len(dataset) - 1, max_items).round().long().tolist())
+    return Subset(dataset, spread_indices(len(dataset), max_items))
 
 
 def knn_splits(root: str | os.PathLike, input_size: int, max_images: int | None = None,

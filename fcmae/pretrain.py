@@ -17,7 +17,7 @@ from .masking import check_pretraining_masks
 from .monitor import KnnMonitor, ReconstructionMonitor
 from .optim import param_groups
 from .reconstruction import reconstruction_grid
-from .run import model_kwargs, scale_lr, start_training, train
+from .run import model_kwargs, resolve_warmup, scale_lr, start_training, train
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,13 @@ DEMO_RECIPE = dict(epochs=30, batch_size=16, blr=1.6e-2, warmup_epochs=3)
 
 
 def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset --epochs/--batch-size/--blr/--warmup-epochs from the matching recipe."""
+    """Fill unset --epochs/--batch-size/--blr from the matching recipe, and --warmup-epochs
+    as the recipe's share of --epochs (:func:`~fcmae.run.resolve_warmup`)."""
     recipe = DEMO_RECIPE if args.data_path is None else OFFICIAL_RECIPE
-    for key, value in recipe.items():
+    for key in ("epochs", "batch_size", "blr"):
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, recipe[key])
+    resolve_warmup(args, recipe["epochs"], recipe["warmup_epochs"])
     return args
 
 
@@ -73,7 +75,7 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
         log.info(f"(--init {args.init} is already part of this run)")
     if run.start_epoch >= args.epochs:
         return run.resume_path, model
-    log.info(f"fcmae-pretrain: {args.model} on {len(dataset)} images "
+    log.info(f"fcmae-pretrain: {args.model} on {len(dataset)} images per epoch "
              f"({'built-in demo photos' if args.data_path is None else args.data_path}), "
              f"{world_size} process(es) on {device}, backend {args.backend}, "
              f"eff. batch {effective_batch}, lr {args.lr:.3g}, {args.epochs} epochs")

@@ -27,6 +27,20 @@ def model_kwargs(args: argparse.Namespace, device: torch.device) -> dict:
     return family_kwargs(args.model, args, device.type)
 
 
+def resolve_warmup(args: argparse.Namespace, recipe_epochs: int, recipe_warmup: float) -> None:
+    """Set ``args.warmup_epochs`` when unset: the recipe's share of the run (e.g. 40 of 800
+    epochs = 5 %), so a short run warms up as quickly, in proportion, as the full one. A
+    warm-up as long as the run is warned about: the lr would never reach its peak."""
+    if args.warmup_epochs is None:
+        args.warmup_epochs = recipe_warmup * args.epochs / recipe_epochs
+        if args.epochs != recipe_epochs:
+            log.info(f"warm-up: {args.warmup_epochs:g} epochs ({100 * recipe_warmup / recipe_epochs:g} % of "
+                     f"--epochs {args.epochs}, as the recipe's {recipe_warmup:g} of {recipe_epochs})")
+    if args.warmup_epochs >= args.epochs:
+        log.warning(f"--warmup-epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate is still "
+                    f"rising when the run ends and never reaches its peak; lower --warmup-epochs")
+
+
 def scale_lr(args: argparse.Namespace, world_size: int) -> int:
     """Set ``args.lr = blr · effective batch / 256`` unless ``--lr`` was given; returns the
     effective batch (per-process batch × accumulation × processes)."""

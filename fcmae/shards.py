@@ -266,12 +266,14 @@ class ShardImages(IterableDataset):
 
 def write_shards(source: str | os.PathLike, destination: str | os.PathLike, prefix: str = "shard",
                  max_count: int = 10_000, max_size: float = 1e9, labeled: bool | None = None,
-                 progress: tqdm | None = None) -> dict:
+                 progress: tqdm | None = None, shuffle_seed: int | None = 0) -> dict:
     """Pack the images of ``source`` into ``destination/PREFIX-000000.tar`` … with their original
     bytes (no re-encoding), plus ``shards.json``. An ImageFolder tree (sub-folders only) keeps
-    its labels as ``cls`` (``labeled=None``: decide by the layout). Each shard is written under
-    a temporary name and renamed when complete. ``progress`` (a tqdm bar) gets the image count
-    and advances per image. Returns the summary also stored in ``shards.json``."""
+    its labels as ``cls`` (``labeled=None``: decide by the layout). Images are packed in an
+    order shuffled with ``shuffle_seed`` (None: sorted by path), so every shard mixes the
+    classes; a file that is not an image Pillow can open is skipped and reported. Each shard is
+    written under a temporary name and renamed when complete. ``progress`` (a tqdm bar) gets the
+    image count and advances per image. Returns the summary also stored in ``shards.json``."""
     from .checkpoint import atomic_write
     from .data import class_labels, find_images
     source, destination = Path(source), Path(destination)
@@ -306,12 +308,20 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
     pattern = str(destination / f"{prefix}-%06d.tar")
     writer = _webdataset().ShardWriter(pattern, maxcount=max_count, maxsize=max_size, opener=open_partial,
                              post=publish, verbose=0)
+    order = list(range(len(files)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
     try:
-        for index, path in enumerate(files):
+        for index in order:
+            path = files[index]
             try:
                 data = path.read_bytes()
-            except OSError as error:
-                skipped.append(f"{path}: {error.strerror or error}")
+                with Image.open(io.BytesIO(data)) as image:   # headers only: is it an image at all?
+                    image.verify()
+            except READ_ERRORS as error:
+                skipped.append(f"{path}: {getattr(error, 'strerror', None) or error}")
+                if progress is not None:
+                    progress.update()
                 continue
             sample = {"__key__": f"{index:09d}", path.suffix.lower().lstrip("."): data,
                       "path": str(path.relative_to(source))}

@@ -186,3 +186,12 @@ def test_visualize_refuses_weights_without_a_decoder(fcmae_files, tmp_path, caps
     assert exit_code(visualize_main, [folder / "dense.pth", "-o", tmp_path / "recon.png"]) == 2
     assert "holds no FCMAE encoder + decoder" in capsys.readouterr().err
     assert not (tmp_path / "recon.png").exists()
+
+
+def test_few_images_are_taken_from_every_class_not_the_first(labeled_folder, monkeypatch):
+    """--max-images 2 of an ImageFolder (6 images per class) picks one per class."""
+    import fcmae.cli.analyze as analyze_cli
+    picked = []
+    monkeypatch.setattr(analyze_cli, "load_center_crops", lambda paths, size: picked.extend(paths) or [])
+    analyze_cli.load_images(labeled_folder / "train", 64, 2)
+    assert sorted(path.parent.name for path in picked) == ["class0", "class1"]

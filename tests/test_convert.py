@@ -102,6 +102,35 @@ def test_existing_output_needs_force(official_style_checkpoint, tmp_path, capsys
     assert out.read_bytes() != b"keep me"
 
 
+def tree_digest(folder):
+    """Every file under ``folder`` (relative path → bytes): equal before and after = untouched."""
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("case", ["run folder holding the input", "folder of other files", "input itself"])
+def test_force_never_deletes_what_convert_did_not_write(case, official_style_checkpoint, tmp_path, capsys):
+    """--force replaces an earlier export, never a run folder, the input, or foreign files."""
+    path, _ = official_style_checkpoint
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "checkpoint-last.pth").write_bytes(path.read_bytes())
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    (run / "events.out.tfevents.1").write_bytes(b"tb")
+    source, output, message = {
+        "run folder holding the input": (run / "checkpoint-last.pth", run, "holds the input checkpoint"),
+        "folder of other files": (path, run, "did not write (checkpoint-last.pth, events.out.tfevents.1, log.jsonl)"),
+        "input itself": (run / "checkpoint-last.pth", run / "checkpoint-last.pth", "is or holds the input"),
+    }[case]
+    before = tree_digest(tmp_path)
+    assert run_cli([source, "-o", output, "--format", "timm", "--force"]) == 2
+    assert message in capsys.readouterr().err
+    assert tree_digest(tmp_path) == before
+    export = tmp_path / "export"
+    assert run_cli([path, "-o", export, "--format", "timm"]) == 0
+    assert run_cli([path, "-o", export, "--format", "timm", "--force"]) == 0   # an earlier export: replaced
+    assert sorted(entry.name for entry in export.iterdir()) == ["config.json", "model.safetensors"]
+
+
 class RunsCode:
     """Unpickling this would call os.getcwd: a stand-in for a malicious checkpoint."""
 

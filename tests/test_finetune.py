@@ -35,10 +35,14 @@ def records(folder):
     return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
 
 
-def test_finetune_from_converted_weights_trains_evaluates_and_saves_ema(labeled_folder, pretrained, tmp_path):
+def test_finetune_from_converted_weights_trains_evaluates_and_saves_ema(labeled_folder, pretrained, tmp_path,
+                                                                        capsys):
     _, dense_path, _ = pretrained
     out = tmp_path / "ft"
     assert run_cli(QUICK + ["--data-path", labeled_folder, "--finetune", dense_path, "--output-dir", out]) == 0
+    summary = capsys.readouterr().err.splitlines()[-2:]   # what the run ended with, and what to run next
+    assert summary[0].startswith("done: top-1 ") and "(best " in summary[0] and str(out) in summary[0], summary
+    assert summary[1].startswith("next: fcmae-finetune ") and "--eval --resume" in summary[1]
     checkpoint = load_checkpoint(out / "checkpoint-last.pth")
     assert checkpoint["epoch"] == 1 and "model_ema" in checkpoint
     epochs = [r for r in records(out) if "acc1" in r]

@@ -249,3 +249,25 @@ def test_a_folder_holding_a_run_is_continued_or_replaced_never_appended_to(image
         assert run_cli(QUICK + ["--data-path", str(image_folder), "--epochs", "2", "--output-dir", str(tmp_path),
                                 "--resume", "auto"]) == 130
     assert f"--resume auto continues from {tmp_path / 'checkpoint-last.pth'}" in capsys.readouterr().err
+
+
+def test_short_runs_warm_up_in_proportion_and_too_long_a_warmup_is_named(caplog):
+    """Unset --warmup-epochs is the recipe's share of --epochs (official: 40 of 800 = 5 %), so
+    --epochs 2 warms up over 0.1 epochs instead of never reaching the peak lr; a warm-up as
+    long as the run is warned about."""
+    import argparse
+
+    from fcmae.pretrain import resolve_recipe
+    args = resolve_recipe(argparse.Namespace(data_path="DATA", epochs=2, batch_size=None, blr=None,
+                                             warmup_epochs=None))
+    assert args.warmup_epochs == pytest.approx(0.1) and args.batch_size == 64
+    assert resolve_recipe(argparse.Namespace(data_path="DATA", epochs=None, batch_size=None, blr=None,
+                                             warmup_epochs=None)).warmup_epochs == 40
+    import logging
+    package_logger = logging.getLogger("fcmae")   # the CLIs stop it propagating: listen on it directly
+    package_logger.addHandler(caplog.handler)
+    try:
+        resolve_recipe(argparse.Namespace(data_path=None, epochs=2, batch_size=None, blr=None, warmup_epochs=5))
+    finally:
+        package_logger.removeHandler(caplog.handler)
+    assert "--warmup-epochs 5 >= --epochs 2" in caplog.text

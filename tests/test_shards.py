@@ -64,9 +64,27 @@ def test_shards_hold_the_folder_images_and_labels(labeled_folder, packed):
     items = list(stream)
     files = find_images(labeled_folder)
     assert len(items) == len(files) == 24
-    for (image, label), path in zip(items, files):
+    expected = sorted((to_array(load_rgb(path)).numpy().tobytes(), int(path.relative_to(labeled_folder).parts[0][-1]))
+                      for path in files)
+    assert sorted((image.numpy().tobytes(), label) for image, label in items) == expected
+    # packed in a shuffled order (seed 0), so shards mix classes; --no-shuffle keeps path order
+    assert len({label for _, label in items[:6]}) > 1
+
+
+def test_no_shuffle_packs_in_path_order_and_files_that_are_not_images_are_skipped(labeled_folder, tmp_path,
+                                                                                 capsys):
+    import shutil
+    source = tmp_path / "source"
+    shutil.copytree(labeled_folder, source)
+    (source / "class1" / "notes.jpg").write_text("not an image")
+    assert exit_code(shards_cli.main, [source, tmp_path / "out", "--max-count", "3", "--no-shuffle"]) == 0
+    assert "skipped 1" in capsys.readouterr().err
+    index = json.loads((tmp_path / "out" / "shards.json").read_text())
+    assert index["samples"] == 24 and "notes.jpg" in index["skipped"][0]
+    items = list(ShardImages(open_shard_set(spec_of(tmp_path / "out")), to_array, labeled=True, batch_size=1,
+                             train=False))
+    for (image, _), path in zip(items, find_images(labeled_folder), strict=True):
         assert torch.equal(image, to_array(load_rgb(path))), path
-        assert label == int(path.relative_to(labeled_folder).parts[0][-1])
 
 
 @pytest.mark.slow
@@ -117,7 +135,8 @@ def test_truncated_shard_is_skipped_and_counted(packed, tmp_path):
     bad.write_bytes((packed / "shard-000000.tar").read_bytes()[:2000])   # first member cut short
     good = tmp_path / "shard-000001.tar"
     good.write_bytes((packed / "shard-000001.tar").read_bytes())
-    index = {"shards": [{"name": bad.name, "samples": 3}, {"name": good.name, "samples": 3}], "classes": ["a"]}
+    index = {"shards": [{"name": bad.name, "samples": 3}, {"name": good.name, "samples": 3}],
+             "classes": ["a", "b", "c"]}
     (tmp_path / "shards.json").write_text(json.dumps(index))
     stream = ShardImages(open_shard_set(f"{tmp_path}/shard-{{000000..000001}}.tar"), to_array, labeled=True,
                          batch_size=1, train=False)

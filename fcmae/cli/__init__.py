@@ -1,5 +1,6 @@
 """Command-line entry points: argument parsing only; the work lives in the package."""
 import argparse
+import copy
 import logging
 import math
 import os
@@ -86,12 +87,21 @@ SEED = number(int, 0, 2 ** 31 - 1)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each flag's default (unless it is None or off)."""
+    """``--help`` shows each flag's default (unless it is None or off), flags without help
+    text included (tests/test_cli_help.py walks every command)."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return not (action.default is None or action.default is False or action.default is argparse.SUPPRESS)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) if self._shows_default(action) else action.help
 
 
 def check_output_file(output: str, suffixes: tuple[str, ...]) -> Path:

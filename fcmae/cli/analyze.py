@@ -18,6 +18,7 @@ from ..data import (
     demo_photo_paths,
     find_images,
     load_center_crops,
+    spread_indices,
 )
 from ..weights import input_size_for, load_encoder
 from . import HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
              "checkpoints, or random:MODEL for random init; LABEL=WEIGHTS names a line in the plot")
     add("-o", "--output", required=True, help="the plot, e.g. collapse.png (its folder must exist)")
     add("--data-path", default=None, help="folder of images (default: the built-in demo photos)")
-    add("--max-images", type=number(int, 1), default=64, help="analyse at most this many images (sorted by path)")
+    add("--max-images", type=number(int, 1), default=64,
+        help="analyse at most this many images, evenly spread over the path-sorted list (so over the classes)")
     add("--input-size", type=number(int, 32), default=None,
         help="center crop side in pixels (default: the size the weights were trained at, else 224)")
     add("--batch-size", type=number(int, 1), default=8)
@@ -58,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_images(data_path: str | None, input_size: int, max_images: int) -> list[torch.Tensor]:
     """Up to ``max_images`` (3, S, S) normalised center crops (default: the demo photos)."""
-    paths = (find_images(data_path) if data_path else
-             demo_photo_paths(DEMO_TRAIN_PHOTOS + DEMO_HELDOUT_PHOTOS))[:max_images]
+    paths = find_images(data_path) if data_path else demo_photo_paths(DEMO_TRAIN_PHOTOS + DEMO_HELDOUT_PHOTOS)
+    paths = [paths[index] for index in spread_indices(len(paths), max_images)]   # every class, not the first
     return load_center_crops(paths, input_size)
 
 

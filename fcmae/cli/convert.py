@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from .. import checkpoint as ckpt
-from ..convert import FORMATS, convert_state, save_converted, verify
+from ..convert import FORMATS, TIMM_FOLDER_FILES, convert_state, is_export_folder, save_converted, verify
 from . import NON_NEGATIVE, HelpFormatter, add_log_level_argument, configure_logging, run_or_exit
 
 log = logging.getLogger("fcmae.cli")
@@ -30,17 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="run sparse and dense models on a random batch and compare (exit 1 above --tolerance)")
     parser.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-3, help="max abs difference allowed by --verify")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing output file, or a folder of an earlier --format timm export")
     add_log_level_argument(parser)
     return parser
 
 
+def check_output(output: Path, checkpoint: Path, force: bool) -> None:
+    """``-o`` may be replaced only with ``--force``, never when it is or holds the input, and a
+    folder only when it is an earlier ``--format timm`` export: nothing else is ever deleted."""
+    if not output.exists() and not output.is_symlink():
+        return
+    source = checkpoint.resolve()
+    if output.resolve() == source or (output.is_dir() and source.is_relative_to(output.resolve())):
+        raise FileExistsError(f"-o {output} is or holds the input checkpoint; write the dense weights elsewhere")
+    if not force:
+        raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+    if output.is_dir() and not is_export_folder(output):
+        others = sorted(entry.name for entry in output.iterdir() if entry.name not in TIMM_FOLDER_FILES)
+        listed = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise FileExistsError(f"-o {output} is a folder holding files fcmae-convert did not write ({listed}); "
+                              f"--force replaces only an earlier --format timm export: choose another -o")
+
+
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    if output.exists() and output.resolve() == Path(args.checkpoint).resolve():
-        raise FileExistsError(f"-o {output} is the input checkpoint; write the dense weights elsewhere")
-    if output.exists() and not args.force:
-        raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+    check_output(output, Path(args.checkpoint), args.force)
     source = ckpt.load_checkpoint(args.checkpoint)
     sparse_state = ckpt.state_dict_of(source)
     dense_state, model_name = convert_state(sparse_state, args.model, args.format)

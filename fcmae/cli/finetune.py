@@ -6,6 +6,7 @@ import argparse
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..engine import NonFiniteLossError
+from ..finetune import FINETUNE_RECIPE
 from . import (
     NON_NEGATIVE,
     POSITIVE,
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fcmae-finetune", formatter_class=HelpFormatter,
         description="Fine-tune or linear-probe a dense model on an ImageFolder with train/ and val/ "
                     "splits, starting from fcmae-convert output (or an FCMAE checkpoint, converted on "
-                    "the fly). Defaults follow the official ConvNeXt V2 fine-tuning recipe for base. "
+                    "the fly). Defaults follow the official ConvNeXt V2 fine-tuning recipe for base; an unset "
+                    "--warmup-epochs is the recipe's share of --epochs (20 of 100). "
                     "Official underscore spellings are accepted too.")
     add = parser.add_argument
     add("--data-path", "--data_path", required=True,
@@ -33,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation ImageFolder tree or shards (default DATA/val; required with shards)")
     add("--finetune", default=None, help="pretrained weights (fcmae-convert output); omit for random init")
     add_training_arguments(parser)
-    parser.set_defaults(output_dir="output/finetune", epochs=100, batch_size=64, blr=6.25e-4, min_lr=1e-6,
-                        warmup_epochs=20)
+    parser.set_defaults(output_dir="output/finetune", epochs=FINETUNE_RECIPE["epochs"], batch_size=64, blr=6.25e-4,
+                        min_lr=1e-6)
     add("--layer-decay", "--layer_decay", type=number(float, 0, 1, low_open=True), default=1.0,
         help="layer-wise lr decay (1.0: off)")
     add("--layer-decay-type", "--layer_decay_type", choices=["single", "group"], default="single")

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ..data import DataError
 from ..shards import SHARD_INDEX, write_shards
-from . import POSITIVE, POSITIVE_INT, HelpFormatter, add_log_level_argument, configure_logging, run_or_exit
+from . import POSITIVE, POSITIVE_INT, SEED, HelpFormatter, add_log_level_argument, configure_logging, run_or_exit
 
 log = logging.getLogger("fcmae.cli")
 
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=POSITIVE, default=1e9, help="bytes per shard at most")
     parser.add_argument("--no-labels", action="store_true", help="ignore class folders (unlabeled shards)")
     parser.add_argument("--force", action="store_true", help="write into a folder that already holds shards")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the packing order (shuffled: shards mix classes)")
+    parser.add_argument("--no-shuffle", action="store_true", help="pack in path order (class by class)")
     add_log_level_argument(parser)
     return parser
 
@@ -38,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{destination} already holds shards; pass --force or choose another folder")
     with tqdm(desc="packing", unit="img") as bar:
         summary = write_shards(args.source, destination, args.prefix, args.max_count, args.max_size,
-                               labeled=False if args.no_labels else None, progress=bar)
+                               labeled=False if args.no_labels else None, progress=bar,
+                               shuffle_seed=None if args.no_shuffle else args.seed)
     for problem in summary["skipped"]:
-        log.warning(f"skipped unreadable file {problem}")
+        log.warning(f"skipped {problem}")
     labels = f", {len(summary['classes'])} classes" if summary["classes"] else ", unlabeled"
     numbers = [shard["name"][len(args.prefix) + 1:-len(".tar")] for shard in summary["shards"]]
     log.info(f"wrote {summary['samples']} images{labels} into {len(numbers)} shards in {destination}; "

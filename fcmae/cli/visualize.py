@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms.functional import to_pil_image
 
 from ..checkpoint import CheckpointError, atomic_write
-from ..data import DEMO_HELDOUT_PHOTOS, DataError, demo_photo_paths, find_images, load_center_crops
+from ..data import DEMO_HELDOUT_PHOTOS, DataError, demo_photo_paths, find_images, load_center_crops, spread_indices
 from ..masking import check_pretraining_masks, patch_grid, random_masks
 from ..reconstruction import reconstruction_grid
 from ..weights import load_fcmae
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("checkpoint", help="FCMAE pretraining checkpoint (.pth or .safetensors)")
     add("images", nargs="*", help="image files (default: --data-path, else the built-in held-out demo photos)")
     add("-o", "--output", required=True, help="the picture, e.g. recon.png (its folder must exist)")
-    add("--data-path", default=None, help="folder of images (the first --max-images, sorted by path)")
+    add("--data-path", default=None, help="folder of images (--max-images of them, evenly spread over the "
+                                          "path-sorted list, so over the classes of an ImageFolder)")
     add("--max-images", type=number(int, 1), default=8)
     add("--mask-ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=None,
         help="fraction of patches removed (default: the checkpoint's, else 0.6)")
@@ -47,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     input_size = args.input_size or int(saved.get("input_size") or 224)
     mask_ratio = args.mask_ratio or float(saved.get("mask_ratio") or 0.6)
     check_pretraining_masks(input_size, model.patch_size, mask_ratio)
-    paths = ([Path(path) for path in args.images] or (find_images(args.data_path) if args.data_path
-                                                       else demo_photo_paths(DEMO_HELDOUT_PHOTOS)))[:args.max_images]
+    paths = [Path(path) for path in args.images] or (find_images(args.data_path) if args.data_path
+                                                      else demo_photo_paths(DEMO_HELDOUT_PHOTOS))
+    paths = [paths[index] for index in spread_indices(len(paths), args.max_images)]   # every class, not the first
     imgs = torch.stack(load_center_crops(paths, input_size))
     grid = patch_grid(imgs.shape[-2:], model.patch_size)
     mask = random_masks(len(imgs), grid[0] * grid[1], mask_ratio, generator=torch.Generator().manual_seed(args.seed))
