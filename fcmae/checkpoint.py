@@ -182,13 +182,20 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
 
 
 def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model weights inside a checkpoint (``model`` / ``state_dict`` / a bare state dict)."""
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        return checkpoint
-    raise CheckpointError("checkpoint holds no model weights (no 'model' or 'state_dict' entry)")
+    """The model weights inside a checkpoint (``model`` / ``state_dict`` / a bare state dict),
+    every one finite: weights holding NaN or inf are refused, naming the first such tensor
+    (every command reads weights through here)."""
+    entries = [checkpoint[key] for key in ("model", "state_dict", "model_ema") if isinstance(checkpoint.get(key), dict)]
+    state = entries[0] if entries else None
+    if state is None and checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        state = checkpoint
+    if state is None:
+        raise CheckpointError("checkpoint holds no model weights (no 'model' or 'state_dict' entry)")
+    broken = first_non_finite(state)
+    if broken is not None:
+        raise CheckpointError(f"the weights are not finite: {broken} holds NaN or inf (a diverged run?); "
+                              f"use an earlier checkpoint")
+    return state
 
 
 def check_compatible(model_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor],

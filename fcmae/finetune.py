@@ -103,13 +103,19 @@ def labeled_dataset(path: str, transform, args: argparse.Namespace, cache: Path 
 def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
     """Load dense (official layout) or FCMAE weights into ``model``; its head (``head_prefixes``:
     final norm, classifier) may be missing and starts fresh, anything else must fit exactly."""
+    ckpt.load_body(model, read_pretrained(path, model_name), model_name, path)
+
+
+def read_pretrained(path: str, model_name: str) -> dict[str, torch.Tensor]:
+    """The dense (official layout) weights of a ``--finetune`` file: dense as they are, FCMAE
+    converted on the fly; read before any data, so a bad file costs nothing."""
     state = ckpt.state_dict_of(ckpt.load_checkpoint(path))
     if in_timm_layout(state, model_name):
         raise ckpt.CheckpointError(f"{path} is in timm layout; convert with "
                                    f"'fcmae-convert --format official' for fine-tuning here")
     if any(key.startswith(ENCODER_PREFIX) for key in state):
         state, _ = convert_state(state, model_name)  # an FCMAE checkpoint: convert on the fly
-    ckpt.load_body(model, state, model_name, path)
+    return state
 
 
 def freeze_encoder(model: nn.Module) -> None:
@@ -201,6 +207,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     if args.batch_size % 2 and not args.linear_probe and (args.mixup > 0 or args.cutmix > 0):
         raise ValueError(f"--batch-size {args.batch_size} is odd; mixup/cutmix mix pairs of images: use an "
                          f"even batch size, or --mixup 0 --cutmix 0")
+    pretrained = read_pretrained(args.finetune, args.model) if args.finetune else None
     rank, world_size, device = setup_run(args)
     prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir, args.resume,
                    args.overwrite)
@@ -214,8 +221,8 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     drop_path = 0.0 if args.linear_probe else args.drop_path   # a frozen encoder computes deterministic features
     model = create_model(args.model, num_classes=num_classes, drop_path_rate=drop_path,
                          head_init_scale=args.head_init_scale, **model_kwargs(args, device))
-    if args.finetune:
-        load_pretrained(model, args.finetune, args.model)
+    if pretrained is not None:
+        ckpt.load_body(model, pretrained, args.model, args.finetune)
     if args.linear_probe:
         freeze_encoder(model)
     model.to(device)

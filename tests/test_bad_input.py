@@ -144,3 +144,42 @@ def test_families_without_a_sparse_path_refuse_another_backend(model):
         assert get_model_entry(model).build_encoder(backend="torch") is not None
         with pytest.raises(ValueError, match="no sparse encoder .* use --backend torch"):
             get_model_entry(model).build_encoder(backend="minkowski")
+
+
+@pytest.mark.parametrize("command", ["convert", "knn", "analyze", "finetune --finetune", "pretrain --init",
+                                     "visualize"])
+def test_non_finite_weights_are_refused_wherever_weights_are_read(command, tmp_path, capsys, monkeypatch):
+    """NaN weights are one error line naming the tensor, before any training or output."""
+    import fcmae
+    from fcmae.cli import analyze, knn, visualize
+    monkeypatch.chdir(tmp_path)
+    model = fcmae.create_fcmae("convnextv2_atto", decoder_dim=32)
+    state = model.state_dict()
+    state["encoder.stages.1.0.pwconv1.linear.weight"][0, 0] = float("nan")
+    torch.save({"model": state}, tmp_path / "nan.pth")
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "val" / "a").mkdir(parents=True)
+    weights, out = str(tmp_path / "nan.pth"), str(tmp_path / "out")
+    entry, argv = {
+        "convert": (convert.main, [weights, "-o", f"{out}.pth"]),
+        "knn": (knn.main, [weights, "--data-path", str(tmp_path / "data")]),
+        "analyze": (analyze.main, [weights, "-o", f"{out}.png"]),
+        "finetune --finetune": (finetune.main, ["--data-path", str(tmp_path / "data"), "--finetune", weights,
+                                                "--output-dir", out]),
+        "pretrain --init": (pretrain.main, PRETRAIN + ["--init", weights, "--output-dir", out]),
+        "visualize": (visualize.main, [weights, "-o", f"{out}.png"]),
+    }[command]
+    before = tree_digest(tmp_path)
+    assert exit_code(entry, argv) not in (0, None)
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "stages.1.0.pwconv1" in error_lines[0] and "not finite" in error_lines[0]
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["knn", "analyze"])
+def test_a_bad_device_is_refused_before_anything_is_read(command, tmp_path, capsys):
+    from fcmae.cli import analyze, knn
+    entry, argv = {"knn": (knn.main, ["random:convnextv2_atto", "--data-path", str(tmp_path / "missing")]),
+                   "analyze": (analyze.main, ["random:convnextv2_atto", "-o", str(tmp_path / "x.png")])}[command]
+    assert exit_code(entry, argv + ["--device", "bogus"]) == 2
+    assert "--device 'bogus' is not a device" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from ..data import (
     load_center_crops,
     spread_indices,
 )
+from ..engine import check_device
 from ..weights import input_size_for, load_encoder
 from . import HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image-index", type=number(int, 0), default=0, help="the image --feature-maps shows")
     add("--seed", type=number(int, 0), default=0, help="seed of random:MODEL initialisations")
     add("--device", default="cpu")
+    add("--force", action="store_true", help="overwrite the plot, its .json and _maps.png if they exist")
     add_log_level_argument(parser)
     return parser
 
@@ -94,7 +96,12 @@ def stage_boundaries(names: list[str], stages: list[int]) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     output = check_output_file(args.output, (".png",))
-    device = torch.device(args.device)
+    report_path, maps_path = output.with_suffix(".json"), output.with_name(output.stem + "_maps.png")
+    existing = [path for path in (output, report_path, maps_path if args.feature_maps else None)
+                if path is not None and path.exists()]
+    if existing and not args.force:
+        raise FileExistsError(f"{', '.join(map(str, existing))} exist(s); pass --force to overwrite")
+    device = check_device(args.device)
     sources = [parse_weights(spec) for spec in args.weights]
     models = [(label, *load_encoder(source, args.model, args.seed)) for label, source in sources]   # load all first
     input_size = common_input_size([model for _, model, _ in models], args.input_size)
@@ -116,10 +123,9 @@ def run(args: argparse.Namespace) -> int:
     _print_table(results)
     figure = _plot(results, args.where, len(images))
     atomic_write(output, lambda file: figure.savefig(file, format="png", dpi=120))
-    atomic_write(output.with_suffix(".json"), lambda file: file.write(json.dumps(report, indent=1).encode()))
-    written = [output, output.with_suffix(".json")]
+    atomic_write(report_path, lambda file: file.write(json.dumps(report, indent=1).encode()))
+    written = [output, report_path]
     if maps:
-        maps_path = output.with_name(output.stem + "_maps.png")
         maps_figure = _plot_maps(maps)
         atomic_write(maps_path, lambda file: maps_figure.savefig(file, format="png", dpi=100))
         written.append(maps_path)

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
 from ..checkpoint import CheckpointError
 from ..data import DataError
+from ..engine import check_device
 from ..knn import knn_evaluate, knn_splits
 from ..weights import extract_features, input_size_for, load_encoder
 from . import HelpFormatter, add_log_level_argument, configure_logging, number, run_or_exit
@@ -40,13 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> float:
+    device = check_device(args.device)   # before any weights or data are read
     encoder, model_name = load_encoder(args.weights, args.model, args.seed)
     input_size, source = input_size_for(encoder, args.input_size)
     log.info(f"{model_name}: images at {input_size}px ({source})")
     train, val, classes = knn_splits(args.data_path, input_size, args.max_images, args.eval_crop_pct)
-    encoder.to(args.device)
+    encoder.to(device)
     top1 = knn_evaluate(lambda images: extract_features(encoder, images), train, val, args.k, args.batch_size,
-                        torch.device(args.device), args.num_workers)
+                        device, args.num_workers)
     log.info(f"{model_name}: k-NN (k={min(args.k, len(train))}) top-1 {top1:.2f}% on {len(val)} val images, "
              f"{len(train)} train images, {len(classes)} classes, {input_size}px")
     return top1
