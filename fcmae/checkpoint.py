@@ -7,12 +7,15 @@ A checkpoint is a dict with the official FCMAE fields ``model``, ``optimizer``, 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -80,6 +83,64 @@ def check_output_dir(folder: str | os.PathLike) -> None:
         raise CheckpointError(f"cannot write to output dir {folder}: {error.strerror or error}") from None
     if (folder / LAST).exists() and not (folder / LAST).is_file():
         raise CheckpointError(f"{folder / LAST} is not a file; remove it or choose another --output-dir")
+
+
+LOCK = ".fcmae-run.lock"
+
+
+@contextmanager
+def output_lock(folder: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+    """Hold ``FOLDER/.fcmae-run.lock`` (pid and host, created exclusively, never through a link)
+    for a run's life, so a second run into the same folder is refused instead of interleaving
+    checkpoints and logs. A lock whose process is gone from this host (a crash, a killed job) is
+    taken over with a warning; one held on another host is reported with its host and pid."""
+    if not enabled:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path, me = folder / LOCK, {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            break
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and (holder.get("host") != me["host"] or _process_alive(holder.get("pid"))):
+                raise CheckpointError(f"{folder} is in use by another run (process {holder.get('pid')} on "
+                                      f"{holder.get('host')}); wait for it or choose another --output-dir (if that "
+                                      f"process is gone, remove {path})") from None
+            log.warning(f"taking over {path}, left by a run that is gone ({holder or 'unreadable'})")
+            path.unlink(missing_ok=True)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(me, file)
+    try:
+        yield
+    finally:
+        if _lock_holder(path) == me:
+            path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """The {pid, host} in a lock file; None when it is unreadable (then stale: it is written
+    in one small write right after being created)."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # exists, owned by someone else
+        return True
+    return True
 
 
 def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
@@ -332,11 +393,13 @@ def training_checkpoint(weights: dict[str, Any], optimizer: torch.optim.Optimize
             "model_name": model_name, "rng": rng, "format": FORMAT}
 
 
-def load_training_weights(path: str | os.PathLike, model: nn.Module, model_name: str) -> dict[str, Any]:
+def load_training_weights(checkpoint: dict[str, Any] | str | os.PathLike, model: nn.Module, model_name: str,
+                          path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Load the model weights of a training checkpoint (ours, or official with no format
-    entry) into ``model``, checked to fit; returns the whole checkpoint (optimizer and the rest
-    untouched: evaluation needs only the weights)."""
-    checkpoint = load_checkpoint(path)
+    entry; a path, or one already loaded from ``path``) into ``model``, checked to fit; returns
+    the whole checkpoint (optimizer and the rest untouched: evaluation needs only the weights)."""
+    if not isinstance(checkpoint, dict):
+        path, checkpoint = checkpoint, load_checkpoint(checkpoint)
     if checkpoint.get("format", FORMAT) != FORMAT:   # official checkpoints carry no format entry
         raise CheckpointError(f"{str(path)!r} is in checkpoint format {checkpoint['format']!r}; this version of "
                               f"fcmae resumes {FORMAT!r} only")
@@ -348,10 +411,16 @@ def load_training_weights(path: str | os.PathLike, model: nn.Module, model_name:
 
 def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler, model_name: str,
                     rank: int, world_size: int,
-                    extra_modules: dict[str, Any] | None = None) -> tuple[int, int]:
+                    extra_modules: dict[str, Any] | None = None,
+                    check_settings: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
     """Restore model, optimizer, scaler, RNG (and e.g. ``{'model_ema': ema}``) to continue
-    exactly; returns (next epoch, global step)."""
-    checkpoint = load_training_weights(path, model, model_name)
+    exactly; returns (next epoch, global step). ``check_settings(saved_args)`` runs first, on
+    the settings the checkpoint was trained with (a dict, empty if it has none)."""
+    checkpoint = load_checkpoint(path)
+    if check_settings is not None:
+        saved = checkpoint.get("args") or {}
+        check_settings(saved if isinstance(saved, dict) else vars(saved))
+    checkpoint = load_training_weights(checkpoint, model, model_name, path)
     if checkpoint.get("optimizer"):
         optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):

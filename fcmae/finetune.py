@@ -211,7 +211,12 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, float]:
     rank, world_size, device = setup_run(args)
     prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir, args.resume,
                    args.overwrite)
+    with ckpt.output_lock(output_dir, enabled=distributed.is_main_process()):
+        return _finetune(args, rank, world_size, device, output_dir, pretrained)
 
+
+def _finetune(args: argparse.Namespace, rank: int, world_size: int, device: torch.device, output_dir: Path,
+              pretrained: dict[str, torch.Tensor] | None) -> dict[str, float]:
     train_set, val_set = build_datasets(args, output_dir)
     num_classes = len(train_set.classes)
     loader = make_train_loader(train_set, args.batch_size, args.num_workers, device, args.seed,

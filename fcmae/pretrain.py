@@ -53,7 +53,12 @@ def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     output_dir = Path(args.output_dir)
     prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir, args.resume,
                    args.overwrite)
+    with ckpt.output_lock(output_dir, enabled=distributed.is_main_process()):
+        return _pretrain(args, world_size, device, output_dir)
 
+
+def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device,
+              output_dir: Path) -> tuple[Path, torch.nn.Module]:
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.seed, args.batch_size,
                                      args.shard_index, cache=output_dir / "file-list.txt")
     loader = make_train_loader(dataset, args.batch_size, args.num_workers, device, args.seed,

@@ -50,6 +50,31 @@ def scale_lr(args: argparse.Namespace, world_size: int) -> int:
     return effective_batch
 
 
+# Settings a resumed run shares with its checkpoint, or it does not continue the same run
+# exactly (data, crops and masks, the batches' composition); another value needs
+# --allow-changed-settings. Every other difference is listed, except the purely operational.
+RESUME_MUST_MATCH = ("model", "data_path", "input_size", "mask_ratio", "batch_size", "accum_iter", "seed")
+RESUME_OPERATIONAL = ("resume", "output_dir", "log_dir", "log_level", "num_workers", "device", "threads",
+                      "dist_backend", "overwrite", "allow_changed_settings", "save_every", "vis_every", "eval")
+
+
+def check_resume_settings(saved: dict, args: argparse.Namespace) -> None:
+    """Compare the settings a checkpoint was trained with to this run's: refuse a change of
+    :data:`RESUME_MUST_MATCH` unless ``--allow-changed-settings``, and list every difference."""
+    current = vars(args)
+    changed = {key: (saved[key], current[key]) for key in saved.keys() & current.keys()
+               if key not in RESUME_OPERATIONAL and str(saved[key]) != str(current[key])}
+    if not changed:
+        return
+    listed = ", ".join(f"--{key.replace('_', '-')} {old} → {new}" for key, (old, new) in sorted(changed.items()))
+    blocking = sorted(key for key in changed if key in RESUME_MUST_MATCH)
+    if blocking and not getattr(args, "allow_changed_settings", False):
+        raise ckpt.CheckpointError(f"resuming with other settings than the checkpoint's ({listed}); "
+                                   f"{', '.join('--' + key.replace('_', '-') for key in blocking)} would not continue "
+                                   f"the same run: use the checkpoint's values, or pass --allow-changed-settings")
+    log.warning(f"resuming with settings that differ from the checkpoint's: {listed}")
+
+
 def start_training(args: argparse.Namespace, model: nn.Module, param_groups: list[dict], device: torch.device,
                    betas: Sequence[float] = (0.9, 0.999), extra_state: dict | None = None,
                    initialise: Callable[[nn.Module], None] | None = None) -> TrainingRun:
@@ -65,7 +90,8 @@ def start_training(args: argparse.Namespace, model: nn.Module, param_groups: lis
     run.resume_path = ckpt.find_resume(args.resume, Path(args.output_dir))
     if run.resume_path is not None:
         run.start_epoch, run.step = ckpt.resume_training(run.resume_path, model, optimizer, run.scaler, args.model,
-                                                         distributed.rank(), distributed.world_size(), extra_state)
+                                                         distributed.rank(), distributed.world_size(), extra_state,
+                                                         lambda saved: check_resume_settings(saved, args))
         log.info(f"resumed from {run.resume_path}: epoch {run.start_epoch}, step {run.step}")
         if run.start_epoch >= args.epochs:
             log.info(f"{run.resume_path} already holds all {args.epochs} epochs; raise --epochs to train longer")

@@ -271,3 +271,34 @@ def test_short_runs_warm_up_in_proportion_and_too_long_a_warmup_is_named(caplog)
     finally:
         package_logger.removeHandler(caplog.handler)
     assert "--warmup-epochs 5 >= --epochs 2" in caplog.text
+
+
+def test_resume_names_changed_settings_and_refuses_those_that_break_exactness(image_folder, tmp_path, capsys):
+    common = QUICK + ["--data-path", str(image_folder), "--output-dir", str(tmp_path), "--resume", "auto"]
+    assert run_cli(common + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert run_cli(common + ["--epochs", "2", "--batch-size", "4", "--blr", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 2 → 4" in err and "--blr 0.1 → 0.2" in err and "--allow-changed-settings" in err, err
+    assert load_checkpoint(tmp_path / "checkpoint-last.pth")["epoch"] == 0          # untouched
+    assert run_cli(common + ["--epochs", "2", "--blr", "0.2"]) == 0                 # listed, not refused
+    assert "differ from the checkpoint's: --blr 0.1 → 0.2" in capsys.readouterr().err
+    assert run_cli(common + ["--epochs", "3", "--input-size", "96", "--allow-changed-settings"]) == 0
+    assert "--input-size 64 → 96" in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_taken_over(image_folder, tmp_path, capsys):
+    """The lock holds pid and host: a live holder refuses the second run; one whose process is
+    gone (a crash) is taken over; the lock is gone once the run ends."""
+    import socket
+    lock = tmp_path / ".fcmae-run.lock"
+    common = QUICK + ["--data-path", str(image_folder), "--epochs", "1", "--output-dir", str(tmp_path)]
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))   # alive: this process
+    assert run_cli(common) == 2
+    assert f"is in use by another run (process {os.getpid()}" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint-last.pth").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    assert run_cli(common) == 0
+    assert "taking over" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint-last.pth").is_file() and not lock.exists()
