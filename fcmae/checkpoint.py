@@ -303,14 +303,14 @@ def load_body(model: nn.Module, state: dict[str, torch.Tensor], model_name: str,
     model.load_state_dict(state, strict=False)
 
 
-def init_from_fcmae(model: nn.Module, path: str | os.PathLike, model_name: str) -> str:
-    """Load the weights of an FCMAE checkpoint (ours or the official ConvNeXt-V2 layout) into
-    the FCMAE ``model`` to continue pretraining: encoder and decoder where the file has both,
-    the encoder alone for a decoder-less file. Optimizer, schedule and step start fresh.
+def init_from_fcmae(model: nn.Module, checkpoint: dict[str, Any], model_name: str, path: str | os.PathLike) -> str:
+    """Load the weights of an FCMAE ``checkpoint`` (read from ``path`` with
+    :func:`load_checkpoint`, before any data; ours or the official ConvNeXt-V2 layout) into the
+    FCMAE ``model`` to continue pretraining: encoder and decoder where the file has both, the
+    encoder alone for a decoder-less file. Optimizer, schedule and step start fresh.
 
     Returns what was loaded, in words; raises :class:`CheckpointError` for another model."""
     from .convert import ENCODER_PREFIX, encoder_state, infer_model_name
-    checkpoint = load_checkpoint(path)
     state = state_dict_of(checkpoint)
     encoder = encoder_state(state)
     saved_name = checkpoint.get("model_name")
@@ -393,13 +393,11 @@ def training_checkpoint(weights: dict[str, Any], optimizer: torch.optim.Optimize
             "model_name": model_name, "rng": rng, "format": FORMAT}
 
 
-def load_training_weights(checkpoint: dict[str, Any] | str | os.PathLike, model: nn.Module, model_name: str,
-                          path: str | os.PathLike | None = None) -> dict[str, Any]:
+def load_training_weights(path: str | os.PathLike, model: nn.Module, model_name: str) -> dict[str, Any]:
     """Load the model weights of a training checkpoint (ours, or official with no format
-    entry; a path, or one already loaded from ``path``) into ``model``, checked to fit; returns
-    the whole checkpoint (optimizer and the rest untouched: evaluation needs only the weights)."""
-    if not isinstance(checkpoint, dict):
-        path, checkpoint = checkpoint, load_checkpoint(checkpoint)
+    entry) into ``model``, checked to fit; returns the whole checkpoint (optimizer and the rest
+    untouched: evaluation needs only the weights)."""
+    checkpoint = load_checkpoint(path)
     if checkpoint.get("format", FORMAT) != FORMAT:   # official checkpoints carry no format entry
         raise CheckpointError(f"{str(path)!r} is in checkpoint format {checkpoint['format']!r}; this version of "
                               f"fcmae resumes {FORMAT!r} only")
@@ -414,13 +412,13 @@ def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler
                     extra_modules: dict[str, Any] | None = None,
                     check_settings: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
     """Restore model, optimizer, scaler, RNG (and e.g. ``{'model_ema': ema}``) to continue
-    exactly; returns (next epoch, global step). ``check_settings(saved_args)`` runs first, on
-    the settings the checkpoint was trained with (a dict, empty if it has none)."""
-    checkpoint = load_checkpoint(path)
+    exactly; returns (next epoch, global step). ``check_settings(saved_args)`` runs once the
+    weights are known to fit, on the settings the checkpoint was trained with (a dict, empty if
+    it has none), before the optimizer and RNG states are restored."""
+    checkpoint = load_training_weights(path, model, model_name)
     if check_settings is not None:
         saved = checkpoint.get("args") or {}
         check_settings(saved if isinstance(saved, dict) else vars(saved))
-    checkpoint = load_training_weights(checkpoint, model, model_name, path)
     if checkpoint.get("optimizer"):
         optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):

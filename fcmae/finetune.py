@@ -267,6 +267,7 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int, device: torc
     mode = "linear probe" if args.linear_probe else "fine-tune"
     log.info(f"fcmae-finetune ({mode}): {args.model}, {num_classes} classes, {len(train_set)} train / "
              f"{len(val_set)} val images, eff. batch {effective_batch}, lr {args.lr:.3g}, "
+             f"{args.epochs} epochs (warm-up {args.warmup_epochs:g}), "
              f"weights {args.finetune or 'random init'}")
     last = train(run, args, loader, classification_loss, lambda logger: Callbacks(
         on_step=update_ema, end_of_epoch=evaluate_epoch,

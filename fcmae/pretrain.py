@@ -45,20 +45,30 @@ def check_args(args: argparse.Namespace) -> None:
         raise ckpt.CheckpointError(f"--init {args.init!r} is not a file")
 
 
+def read_init(path: str | None) -> dict | None:
+    """The ``--init`` checkpoint, read and its weights checked (finite) before any data."""
+    if path is None:
+        return None
+    checkpoint = ckpt.load_checkpoint(path)
+    ckpt.state_dict_of(checkpoint)
+    return checkpoint
+
+
 def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
     """Pretrain as ``args`` says; returns (path of the last checkpoint, the trained FCMAE)."""
     resolve_recipe(args)
     check_args(args)
+    init_checkpoint = read_init(args.init)
     _, world_size, device = setup_run(args)
     output_dir = Path(args.output_dir)
     prepare_output(output_dir, Path(args.log_dir) if args.log_dir else output_dir, args.resume,
                    args.overwrite)
     with ckpt.output_lock(output_dir, enabled=distributed.is_main_process()):
-        return _pretrain(args, world_size, device, output_dir)
+        return _pretrain(args, world_size, device, output_dir, init_checkpoint)
 
 
-def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device,
-              output_dir: Path) -> tuple[Path, torch.nn.Module]:
+def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device, output_dir: Path,
+              init_checkpoint: dict | None) -> tuple[Path, torch.nn.Module]:
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.seed, args.batch_size,
                                      args.shard_index, cache=output_dir / "file-list.txt")
     loader = make_train_loader(dataset, args.batch_size, args.num_workers, device, args.seed,
@@ -70,8 +80,8 @@ def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device,
     monitors = build_monitors(args, model.patch_size, device)
 
     def init_weights(model: torch.nn.Module) -> None:
-        if args.init:
-            loaded = ckpt.init_from_fcmae(model, args.init, args.model)
+        if init_checkpoint is not None:
+            loaded = ckpt.init_from_fcmae(model, init_checkpoint, args.model, args.init)
             log.info(f"initialised from {args.init}: {loaded}; fresh optimizer and schedule")
 
     run = start_training(args, model, param_groups(model, args.weight_decay), device, betas=(0.9, 0.95),
@@ -83,7 +93,8 @@ def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device,
     log.info(f"fcmae-pretrain: {args.model} on {len(dataset)} images per epoch "
              f"({'built-in demo photos' if args.data_path is None else args.data_path}), "
              f"{world_size} process(es) on {device}, backend {args.backend}, "
-             f"eff. batch {effective_batch}, lr {args.lr:.3g}, {args.epochs} epochs")
+             f"eff. batch {effective_batch}, lr {args.lr:.3g}, {args.epochs} epochs "
+             f"(warm-up {args.warmup_epochs:g})")
 
     def make_callbacks(logger: RunLogger) -> Callbacks:
         def log_reconstructions(global_step: int, imgs: torch.Tensor, outputs) -> None:

@@ -33,9 +33,6 @@ def resolve_warmup(args: argparse.Namespace, recipe_epochs: int, recipe_warmup: 
     warm-up as long as the run is warned about: the lr would never reach its peak."""
     if args.warmup_epochs is None:
         args.warmup_epochs = recipe_warmup * args.epochs / recipe_epochs
-        if args.epochs != recipe_epochs:
-            log.info(f"warm-up: {args.warmup_epochs:g} epochs ({100 * recipe_warmup / recipe_epochs:g} % of "
-                     f"--epochs {args.epochs}, as the recipe's {recipe_warmup:g} of {recipe_epochs})")
     if args.warmup_epochs >= args.epochs:
         log.warning(f"--warmup-epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate is still "
                     f"rising when the run ends and never reaches its peak; lower --warmup-epochs")
@@ -52,9 +49,10 @@ def scale_lr(args: argparse.Namespace, world_size: int) -> int:
 
 # Settings a resumed run shares with its checkpoint, or it does not continue the same run
 # exactly (data, crops and masks, the batches' composition); another value needs
-# --allow-changed-settings. Every other difference is listed, except the purely operational.
-RESUME_MUST_MATCH = ("model", "data_path", "input_size", "mask_ratio", "batch_size", "accum_iter", "seed")
-RESUME_OPERATIONAL = ("resume", "output_dir", "log_dir", "log_level", "num_workers", "device", "threads",
+# --allow-changed-settings. Every other difference is listed, except the purely operational
+# (and the model, which the weights themselves must fit).
+RESUME_MUST_MATCH = ("data_path", "input_size", "mask_ratio", "batch_size", "accum_iter", "seed")
+RESUME_OPERATIONAL = ("model", "resume", "output_dir", "log_dir", "log_level", "num_workers", "device", "threads",
                       "dist_backend", "overwrite", "allow_changed_settings", "save_every", "vis_every", "eval")
 
 

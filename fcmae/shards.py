@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+import re
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -276,6 +277,9 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
     image count and advances per image. Returns the summary also stored in ``shards.json``."""
     from .checkpoint import atomic_write
     from .data import class_labels, find_images
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
+        raise ValueError(f"--prefix {prefix!r}: use letters, digits, '.', '_' and '-' only (no path separators, "
+                         f"no '%' or braces): it names files inside the destination")
     source, destination = Path(source), Path(destination)
     files = find_images(source)
     in_classes, labels, classes = class_labels(source, files)
@@ -291,7 +295,10 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
     skipped: list[str] = []
 
     def open_partial(name: str):
-        handles[name] = open(f"{name}.partial", "wb")
+        # a new file, never through a link planted there: O_EXCL refuses any existing name
+        descriptor = os.open(f"{name}.partial", os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                             0o666)
+        handles[name] = os.fdopen(descriptor, "wb")
         return handles[name]
 
     def publish(name: str) -> None:

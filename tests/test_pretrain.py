@@ -302,3 +302,13 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_taken_over(
     assert run_cli(common) == 0
     assert "taking over" in capsys.readouterr().err
     assert (tmp_path / "checkpoint-last.pth").is_file() and not lock.exists()
+
+
+def test_a_symlinked_run_log_is_refused_and_its_target_untouched(image_folder, tmp_path, capsys):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "log.jsonl").symlink_to(target)
+    assert run_cli(QUICK + ["--data-path", str(image_folder), "--epochs", "1", "--output-dir", str(tmp_path / "out"),
+                            "--resume", "auto"]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err and target.read_text() == "precious\n"

@@ -246,3 +246,19 @@ def test_labels_outside_the_classes_are_skipped_and_counted(tmp_path):
     assert stream.num_skipped == 4
     messages = " ".join(str(w.message) for w in warned)
     assert "s-000.tar:0002" in messages and "not one of the 2 classes" in messages and "no 'cls'" in messages
+
+
+@pytest.mark.parametrize("prefix", ["../../x", "a/b", "a%db", "{a,b}"])
+def test_shard_prefixes_that_are_not_plain_names_are_refused(prefix, labeled_folder, tmp_path, capsys):
+    assert exit_code(shards_cli.main, [labeled_folder, tmp_path / "out", "--prefix", prefix]) == 2
+    assert "--prefix" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.tar")) and not list(tmp_path.parent.glob("x-*"))
+
+
+def test_a_link_planted_at_a_partial_shard_is_never_followed(labeled_folder, tmp_path):
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "shard-000000.tar.partial").symlink_to(target)
+    assert exit_code(shards_cli.main, [labeled_folder, tmp_path / "out"]) != 0
+    assert target.read_text() == "precious"
