@@ -65,20 +65,25 @@ def capture(points: Iterable[AnalysisPoint], where: str):
 
 @torch.no_grad()
 def collapse_profile(model: nn.Module, points: list[AnalysisPoint], batches: Iterable[Tensor],
-                     where: str = "expansion") -> dict[str, float]:
+                     where: str = "expansion") -> tuple[dict[str, float], dict[str, float]]:
     """Per block (``points`` order): the channel cosine distance averaged over every image of
-    ``batches`` ((B, 3, H, W) tensors, normalised as in training)."""
+    ``batches`` ((B, 3, H, W) tensors, normalised as in training), and its standard deviation
+    over the images (the spread). Returns (means, spreads), keyed by block name."""
     totals = {point.name: 0.0 for point in points}
+    squares = {point.name: 0.0 for point in points}
     count = 0
     with capture(points, where) as activations:
         for images in batches:
             model.forward_features(images)
             for name in totals:
-                totals[name] += channel_cosine_distance(activations[name]).sum().item()
+                distances = channel_cosine_distance(activations[name]).double()
+                totals[name] += distances.sum().item()
+                squares[name] += distances.square().sum().item()
             count += images.shape[0]
     if count == 0:
         raise ValueError("no images to analyse")
-    return {name: total / count for name, total in totals.items()}
+    means = {name: total / count for name, total in totals.items()}
+    return means, {name: max(squares[name] / count - means[name] ** 2, 0.0) ** 0.5 for name in totals}
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ visible patches — for TensorBoard during pretraining (and any other viewer).""
 from __future__ import annotations
 
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -33,3 +34,18 @@ def reconstruction_grid(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: in
     std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
     rows = [(row * std + mean).clamp(0, 1) for row in (imgs, masked_input, recon, pasted)]
     return make_grid(torch.cat(rows), nrow=imgs.shape[0], padding=2).cpu()
+
+
+ROW_NAMES = ("input", "masked", "reconstruction", "pasted")
+
+
+def with_row_labels(picture: Image.Image, names: tuple[str, ...] = ROW_NAMES, margin: int = 96) -> Image.Image:
+    """``picture`` (a :func:`reconstruction_grid` as a PIL image) with each row's name in a
+    white margin on the left."""
+    labelled = Image.new("RGB", (picture.width + margin, picture.height), "white")
+    labelled.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(labelled)
+    row_height = picture.height / len(names)
+    for index, name in enumerate(names):
+        draw.text((4, int((index + 0.5) * row_height) - 5), name, fill="black")
+    return labelled

@@ -144,8 +144,13 @@ def test_analyze_cli_overlays_weights_and_writes_plot_json_and_maps(fcmae_files,
     encoder, _ = load_encoder(folder / "fcmae.pth")
     from fcmae.cli.analyze import load_images
     batch = torch.stack(load_images(str(images), 64, 64))
-    expected = collapse_profile(encoder, analysis_points(encoder, "convnext_atto"), [batch])
+    expected, spread = collapse_profile(encoder, analysis_points(encoder, "convnext_atto"), [batch])
     assert report["results"][0]["distances"] == pytest.approx(expected, abs=1e-6)
+    per_image = [collapse_profile(encoder, analysis_points(encoder, "convnext_atto"), [image[None]])[0]
+                 for image in batch]                                   # the spread is the std over images
+    assert spread == pytest.approx({name: float(torch.tensor([p[name] for p in per_image], dtype=torch.float64)
+                                                .std(unbiased=False)) for name in spread}, abs=1e-6)
+    assert report["results"][0]["spread"] == pytest.approx(spread, abs=1e-6)
     assert "stages.3.1" in capsys.readouterr().err
 
 
@@ -174,7 +179,8 @@ def test_visualize_writes_the_four_rows_for_an_fcmae_checkpoint(fcmae_files, tmp
     out = tmp_path / "recon.png"
     assert exit_code(visualize_main, [folder / "fcmae.pth", "--data-path", images, "-o", out]) == 0
     picture = Image.open(out)
-    assert picture.size == (2 + 2 * (64 + 2), 2 + 4 * (64 + 2))       # input size and mask ratio from the file
+    assert picture.size == (96 + 2 + 2 * (64 + 2), 2 + 4 * (64 + 2))   # input size and mask ratio from the file;
+    assert picture.getpixel((2, 2)) == (255, 255, 255)                 # the row names' margin on the left
     assert "mask ratio 0.5" in capsys.readouterr().err
     loaded, name, _ = load_fcmae(folder / "fcmae.pth")
     assert name == "convnext_atto" and loaded.norm_pix_loss

@@ -14,6 +14,8 @@ from ..checkpoint import CheckpointError, atomic_write
 from ..data import (
     DEMO_HELDOUT_PHOTOS,
     DEMO_TRAIN_PHOTOS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DataError,
     demo_photo_paths,
     find_images,
@@ -112,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
         points = analysis_points(model, model_name)
         batches = [torch.stack(images[start:start + args.batch_size]).to(device)
                    for start in range(0, len(images), args.batch_size)]
-        profile = collapse_profile(model, points, tqdm(batches, desc=label, unit="batch", leave=False), args.where)
-        results.append({"label": label, "model": model_name, "distances": profile,
+        profile, spread = collapse_profile(model, points, tqdm(batches, desc=label, unit="batch", leave=False),
+                                           args.where)
+        results.append({"label": label, "model": model_name, "distances": profile, "spread": spread,
                         "stages": [point.stage for point in points]})
         if args.feature_maps is not None:
             point = _pick_point(points, args.feature_maps)
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     atomic_write(report_path, lambda file: file.write(json.dumps(report, indent=1).encode()))
     written = [output, report_path]
     if maps:
-        maps_figure = _plot_maps(maps)
+        maps_figure = _plot_maps(maps, images[min(args.image_index, len(images) - 1)])
         atomic_write(maps_path, lambda file: maps_figure.savefig(file, format="png", dpi=100))
         written.append(maps_path)
     log.info("wrote " + ", ".join(str(path) for path in written))
@@ -165,33 +168,46 @@ def _plot(results: list[dict], where: str, num_images: int):
     figure = Figure(figsize=(8, 4.5))
     axes = figure.subplots()
     for result in results:
-        axes.plot(range(len(result["distances"])), list(result["distances"].values()), marker="o", markersize=3,
-                  label=f"{result['label']} ({result['model']})")
+        blocks = range(len(result["distances"]))
+        means, spreads = list(result["distances"].values()), list(result["spread"].values())
+        line, = axes.plot(blocks, means, marker="o", markersize=3, label=f"{result['label']} ({result['model']})")
+        axes.fill_between(blocks, [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)],
+                          color=line.get_color(), alpha=0.15, linewidth=0)
     first = results[0]
     for boundary in stage_boundaries(list(first["distances"]), first["stages"]):
         axes.axvline(boundary, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("block (dotted lines: stage boundaries)")
-    axes.set_ylabel("average pairwise cosine distance")
+    axes.set_ylabel("average pairwise cosine distance\n(band: ± 1 std over images)")
     axes.set_title(f"feature collapse: {where} activations, {num_images} images")
-    axes.set_ylim(bottom=0)
+    axes.margins(y=0.1)   # scaled to the data: lines near 0.49 must stay apart
     axes.legend(fontsize=8)
     figure.tight_layout()
     return figure
 
 
-def _plot_maps(maps: list[tuple[str, str, torch.Tensor]]):
+def _plot_maps(maps: list[tuple[str, str, torch.Tensor]], image: torch.Tensor, per_row: int = 8):
+    """The input ``image`` (3, H, W, normalised) in the first column, then each weights' channel
+    maps in rows of ``per_row``, one block of rows per weights, titled with label and block."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    columns = max(len(channel_maps) for _, _, channel_maps in maps)
-    figure = Figure(figsize=(columns * 0.6 + 1.5, len(maps) * 0.7 + 0.4))
-    grid = figure.subplots(len(maps), columns, squeeze=False)
-    for row, (label, block, channel_maps) in enumerate(maps):
-        for column, axes in enumerate(grid[row]):
-            axes.axis("off")
-            if column < len(channel_maps):
-                axes.imshow(channel_maps[column].numpy(), cmap="viridis", vmin=0, vmax=1)
-        grid[row][0].set_title(f"{label}: {block}", fontsize=7, loc="left")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    picture = (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    rows_each = [-(-len(channel_maps) // per_row) for _, _, channel_maps in maps]
+    figure = Figure(figsize=(1.2 * (per_row + 1), 1.25 * sum(rows_each) + 0.3))
+    grid = figure.subplots(sum(rows_each), per_row + 1, squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    first_row = 0
+    for (label, block, channel_maps), rows in zip(maps, rows_each):
+        grid[first_row][0].imshow(picture)
+        grid[first_row][0].set_title("input", fontsize=7)
+        grid[first_row][1].set_title(f"{label}: {block}, channels 0–{len(channel_maps) - 1}", fontsize=7, loc="left")
+        for index, channel_map in enumerate(channel_maps):
+            grid[first_row + index // per_row][1 + index % per_row].imshow(channel_map.numpy(), cmap="viridis",
+                                                                           vmin=0, vmax=1)
+        first_row += rows
+    figure.tight_layout()
     return figure
 
 

@@ -11,7 +11,7 @@ from torchvision.transforms.functional import to_pil_image
 from ..checkpoint import CheckpointError, atomic_write
 from ..data import DEMO_HELDOUT_PHOTOS, DataError, demo_photo_paths, find_images, load_center_crops, spread_indices
 from ..masking import check_pretraining_masks, patch_grid, random_masks
-from ..reconstruction import reconstruction_grid
+from ..reconstruction import reconstruction_grid, with_row_labels
 from ..weights import load_fcmae
 from . import SEED, HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
 
@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     mask = random_masks(len(imgs), grid[0] * grid[1], mask_ratio, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
         loss, pred, mask = model(imgs, mask=mask)
-    picture = to_pil_image(reconstruction_grid(imgs, pred, mask, model.patch_size, model.norm_pix_loss,
-                                               max_images=len(imgs)))
+    picture = with_row_labels(to_pil_image(reconstruction_grid(imgs, pred, mask, model.patch_size,
+                                                               model.norm_pix_loss, max_images=len(imgs))))
     atomic_write(output, lambda file: picture.save(file, format="PNG" if output.suffix.lower() == ".png" else "JPEG"))
     log.info(f"{model_name}: {len(imgs)} images at {input_size}px, mask ratio {mask_ratio:g}, "
              f"loss on removed patches {loss.item():.4f}; wrote {output}")
