@@ -123,7 +123,8 @@ def test_signal_ends_the_run_cleanly(first_epoch, when, name, code):
     assert result.returncode == code, result.stderr[-2000:]
     last_line = result.stderr.strip().splitlines()[-1]
     where = "epoch 1, step 4" if when == "save" else "epoch 1, step 2"
-    assert last_line == f"fcmae-pretrain: interrupted at {where}; resume with --resume auto", last_line
+    assert last_line == (f"fcmae-pretrain: interrupted at {where}; --resume auto continues from "
+                         f"{out / 'checkpoint-last.pth'}"), last_line
     assert "Traceback" not in result.stderr
     assert (out / "checkpoint-last.pth").read_bytes() == good
     assert hidden_files(out) == []
