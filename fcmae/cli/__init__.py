@@ -148,8 +148,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--overwrite", action="store_true",
         help="start a fresh run in an --output-dir that holds one (its checkpoint and logs are replaced)")
     add("--allow-changed-settings", action="store_true",
-        help="resume although model, data, input size, mask ratio, batch size, accumulation or seed differ "
-             "from the checkpoint's (the continuation is then not exact)")
+        help="resume although data, input size, mask ratio, batch size, accumulation or seed differ from "
+             "the checkpoint's (the continuation is then not exact)")
     add("--save-every", "--save_every", type=NON_NEGATIVE_INT, default=0,
         help="also keep checkpoint-E.pth every N epochs, E = epochs completed (a hard link to "
              "checkpoint-last.pth, which is always written)")
