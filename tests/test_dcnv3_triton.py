@@ -72,13 +72,14 @@ def triton_resources():
 def test_every_launchable_kernel_variant_fits_hopper_without_spills():
     """The interpreter does not check what only the compiler decides: build every variant the
     autotuner may launch (forward/backward × fp32/bf16 × 16/32 channels × fitting configs) for
-    sm_90 (Triton ships ptxas, no GPU needed): no local memory, and registers that let at
-    least two blocks share an SM (before: 255 registers and up to 2.7 KB stack everywhere)."""
+    sm_90 (Triton ships ptxas, no GPU needed): no local memory, at most 128 registers a thread,
+    so at least two blocks share an SM (before: 255 registers and up to 2.7 KB stack everywhere;
+    measured now: 56-92 on Triton 3.6 and 3.8)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter replaces compilation")
     tool = triton_resources()
     rows = [tool.resources(*variant) for variant in tool.variants()]
-    assert len(rows) == 24
+    assert len(rows) == 16
     for row in rows:
         assert row["stack_bytes"] == 0 and row["spill_bytes"] == 0, row
-        assert row["registers"] <= 168 and row["blocks_per_sm"] >= 2, row
+        assert row["registers"] <= 128 and row["blocks_per_sm"] >= 2, row

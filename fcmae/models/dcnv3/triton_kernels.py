@@ -7,9 +7,10 @@ nothing of size (B, Q, G, P, Cg) is formed. Backward recomputes the positions, s
 value gradient with fp32 atomics and writes the offset and modulation gradients directly.
 
 Launch configurations are autotuned from :data:`CONFIGS`, keeping those whose
-(BLOCK_ROWS, BLOCK_C) tile holds at most :data:`MAX_TILE` elements: compiled for sm_90 every
-such variant uses at most 160 registers and no local memory, so at least two blocks fit on
-an SM (tests/test_dcnv3_triton.py checks it with ptxas, BENCHMARKS.md has the numbers).
+(BLOCK_ROWS, BLOCK_C) tile gives every thread :data:`ELEMENTS_PER_THREAD` elements (at
+InternImage's group widths of 16 and 32 channels): compiled
+for sm_90 every such variant uses no local memory and few enough registers for at least two
+blocks per SM (tests/test_dcnv3_triton.py checks it with ptxas, BENCHMARKS.md has the numbers).
 
 Same arguments and numbers as the other implementations in :mod:`.sampling`. Tests run
 these kernels on CPU through Triton's interpreter: ``TRITON_INTERPRET=1`` must be set
@@ -25,9 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# (rows per program, warps) tried by the autotuner; MAX_TILE bounds rows × padded channels
-CONFIGS = [triton.Config({"BLOCK_ROWS": rows}, num_warps=warps) for rows, warps in ((16, 4), (16, 8), (32, 4), (32, 8))]
-MAX_TILE = 512
+# (rows per program, warps) tried by the autotuner; a config runs only where each thread holds
+# ELEMENTS_PER_THREAD elements of the (rows, padded channels) tile: more spill registers, fewer
+# leave local-memory stack frames (measured with tools/triton_resources.py, Triton 3.6 and 3.8)
+CONFIGS = [triton.Config({"BLOCK_ROWS": rows}, num_warps=warps) for rows, warps in ((8, 4), (16, 4), (16, 8), (32, 8))]
+ELEMENTS_PER_THREAD = 2
 
 
 def interpreting() -> bool:
@@ -125,9 +128,14 @@ def _backward_kernel(value_ptr, offset_ptr, weight_ptr, query_ptr, grad_out_ptr,
 
 
 def fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """The configs whose (BLOCK_ROWS, BLOCK_C) tile holds at most ``MAX_TILE`` elements."""
+    """The configs whose (BLOCK_ROWS, BLOCK_C) tile gives each of its ``32 · num_warps``
+    threads the most elements up to ``ELEMENTS_PER_THREAD`` (exactly two for group widths of
+    16 and 32 channels, InternImage's); the smallest tiles where every config exceeds it."""
     block_c = {**named_args, **kwargs}["BLOCK_C"]
-    return [config for config in configs if config.kwargs["BLOCK_ROWS"] * block_c <= MAX_TILE]
+    per_thread = {id(config): config.kwargs["BLOCK_ROWS"] * block_c / (32 * config.num_warps) for config in configs}
+    within = [value for value in per_thread.values() if value <= ELEMENTS_PER_THREAD]
+    chosen = max(within) if within else min(per_thread.values())
+    return [config for config in configs if per_thread[id(config)] == chosen]
 
 
 _tuned_forward = triton.autotune(CONFIGS, key=["num_rows", "group_channels"],
