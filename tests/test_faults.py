@@ -88,6 +88,7 @@ def test_stale_temporary_files_are_removed_on_start(first_epoch, capsys):
 # ("save") or the N-th optimizer step ("step"), then runs fcmae-pretrain with the given flags.
 SIGNALLER = """
 import os, signal, sys, torch
+signal.signal(signal.SIGINT, signal.default_int_handler)   # a shell's background job inherits SIGINT ignored
 when, count, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 calls = {"n": 0}
 def fire():

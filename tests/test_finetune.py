@@ -131,7 +131,7 @@ def test_eval_only_reports_accuracy(labeled_folder, pretrained, tmp_path, capsys
 
 def test_missing_val_split_is_one_line_error(tmp_path, capsys):
     (tmp_path / "train" / "a").mkdir(parents=True)
-    assert run_cli(QUICK + ["--data-path", tmp_path]) == 2
+    assert run_cli(QUICK + ["--data-path", tmp_path, "--output-dir", tmp_path / "out"]) == 2
     assert "error:" in capsys.readouterr().err
 
 

@@ -189,7 +189,7 @@ def test_grad_checkpointing_trains_the_same_weights(image_folder, tmp_path):
 def test_empty_folder_is_one_line_error(tmp_path, capsys):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    assert run_cli(QUICK + ["--data-path", str(tmp_path / "empty")]) == 2
+    assert run_cli(QUICK + ["--data-path", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")]) == 2
     assert "no images" in capsys.readouterr().err
 
 
