@@ -259,6 +259,13 @@ def state_dict_of(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
+def saved_args(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint was trained with, as a dict (ours store a dict, official ones
+    an ``argparse.Namespace``); empty where it has none."""
+    args = checkpoint.get("args") or {}
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
+
+
 def check_compatible(model_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
                      model_name: str, saved_name: str | None, path: str | os.PathLike) -> None:
     """Refuse weights (``state``) that do not fit ``model_state`` in keys and shapes, naming both models."""
@@ -417,8 +424,7 @@ def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler
     it has none), before the optimizer and RNG states are restored."""
     checkpoint = load_training_weights(path, model, model_name)
     if check_settings is not None:
-        saved = checkpoint.get("args") or {}
-        check_settings(saved if isinstance(saved, dict) else vars(saved))
+        check_settings(saved_args(checkpoint))
     if checkpoint.get("optimizer"):
         optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):

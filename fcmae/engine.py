@@ -90,11 +90,12 @@ def prepare_output(output_dir: Path, log_dir: Path, resume: str | None = None, o
     replaced (``overwrite``), and temporary files of interrupted earlier runs are removed."""
     for folder in {output_dir, log_dir}:
         ckpt.check_output_dir(folder)
-    for path in (output_dir / ckpt.LAST, output_dir / LOG_FILE, log_dir / LOG_FILE):
+    run_files = (output_dir / ckpt.LAST, output_dir / LOG_FILE, log_dir / LOG_FILE)
+    for path in run_files:
         if path.is_symlink():
             raise ckpt.CheckpointError(f"{path} is a symbolic link; a run never writes through one: remove it "
                                        f"or choose another --output-dir / --log-dir")
-    held = [path for path in (output_dir / ckpt.LAST, output_dir / LOG_FILE, log_dir / LOG_FILE) if path.is_file()]
+    held = [path for path in run_files if path.is_file()]
     if held and not resume and not overwrite:
         raise ckpt.CheckpointError(f"{output_dir} already holds a run ({', '.join(sorted({p.name for p in held}))}); "
                                    f"continue it with --resume auto, start over with --overwrite, or choose "

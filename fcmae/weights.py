@@ -52,9 +52,7 @@ def trained_input_size(checkpoint: dict, folder: Path | None = None) -> int | No
     """The image side the weights were trained at, where the file says: a training run's saved
     ``args``, ``input_size`` written by ``fcmae-convert`` (also as safetensors metadata), or a
     timm folder's ``config.json``; None where nothing says (e.g. official files)."""
-    saved_args = checkpoint.get("args") or {}
-    saved_args = saved_args if isinstance(saved_args, dict) else vars(saved_args)
-    value = saved_args.get("input_size") or checkpoint.get("input_size")
+    value = ckpt.saved_args(checkpoint).get("input_size") or checkpoint.get("input_size")
     if value is None and folder is not None and (folder / "config.json").is_file():
         try:
             value = json.loads((folder / "config.json").read_text())["pretrained_cfg"]["input_size"][-1]
@@ -67,12 +65,10 @@ def trained_input_size(checkpoint: dict, folder: Path | None = None) -> int | No
     return size if 32 <= size <= 8192 and size % 32 == 0 else None
 
 
-def load_dense_state(source: str | os.PathLike, model_name: str | None = None) -> tuple[dict[str, Tensor], str]:
-    """(official-layout dense weights, model name) for any supported source."""
-    return _load_dense(source, model_name)[:2]
-
-
-def _load_dense(source: str | os.PathLike, model_name: str | None) -> tuple[dict[str, Tensor], str, int | None]:
+def load_dense_state(source: str | os.PathLike,
+                     model_name: str | None = None) -> tuple[dict[str, Tensor], str, int | None]:
+    """(official-layout dense weights, model name, the image side they were trained at or None)
+    for any supported source."""
     path = Path(source)
     folder = path if path.is_dir() else None
     if folder is not None and (path / "model.safetensors").is_file():
@@ -118,11 +114,17 @@ def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed:
             model = create_model(model_name, num_classes=0, **model_kwargs).eval()
         model.pretrained_cfg = {"input_size": None}
         return model, model_name
-    state, model_name, input_size = _load_dense(source, model_name)
+    state, model_name, input_size = load_dense_state(source, model_name)
     model = create_model(model_name, num_classes=0, **model_kwargs)
     ckpt.load_body(model, state, model_name, source)
     model.pretrained_cfg = {"input_size": (3, input_size, input_size) if input_size else None}
     return model.eval(), model_name
+
+
+def trained_size(model: nn.Module) -> int | None:
+    """The image side ``model``'s weights were trained at (set by :func:`load_encoder`), or None."""
+    trained = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return trained[-1] if trained else None
 
 
 def input_size_for(model: nn.Module, requested: int | None, default: int = 224) -> tuple[int, str]:
@@ -130,9 +132,9 @@ def input_size_for(model: nn.Module, requested: int | None, default: int = 224) 
     command line), else the side its weights were trained at, else ``default``."""
     if requested:
         return requested, "--input-size"
-    trained = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    trained = trained_size(model)
     if trained:
-        return trained[-1], "the weights' training size"
+        return trained, "the weights' training size"
     return default, "default; the weights do not say"
 
 
@@ -162,8 +164,7 @@ def load_fcmae(source: str | os.PathLike, model_name: str | None = None) -> tupl
     if not any(key.startswith(ENCODER_PREFIX) for key in state) or "proj.weight" not in state:
         raise ckpt.CheckpointError(f"{str(source)!r} holds no FCMAE encoder + decoder; pass a pretraining "
                                    f"checkpoint (fcmae-pretrain's checkpoint-last.pth or an official FCMAE file)")
-    saved_args = checkpoint.get("args") or {}
-    saved_args = saved_args if isinstance(saved_args, dict) else vars(saved_args)   # official: a Namespace
+    saved_args = ckpt.saved_args(checkpoint)
     model_name = model_name or checkpoint.get("model_name") or infer_model_name(encoder_state(state))
     decoder_depth = len({key.split(".")[1] for key in state if key.startswith("decoder.")})
     model = create_fcmae(model_name, decoder_dim=state["proj.weight"].shape[0], decoder_depth=decoder_depth,

@@ -23,7 +23,7 @@ from ..data import (
     spread_indices,
 )
 from ..engine import check_device
-from ..weights import input_size_for, load_encoder
+from ..weights import load_encoder, trained_size
 from . import HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
 
 log = logging.getLogger("fcmae.cli")
@@ -83,8 +83,7 @@ def common_input_size(models: list, requested: int | None) -> int:
     if requested:
         log.info(f"images at {requested}px (--input-size)")
         return requested
-    sizes = {input_size_for(model, None) for model in models}
-    trained = {size for size, source in sizes if source == "the weights' training size"}
+    trained = {trained_size(model) for model in models} - {None}
     if len(trained) > 1:
         raise ValueError(f"the weights were trained at different sizes ({sorted(trained)} px): pass --input-size")
     size, source = (next(iter(trained)), "the weights' training size") if trained else (224, "default")

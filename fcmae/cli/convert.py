@@ -67,9 +67,7 @@ def run(args: argparse.Namespace) -> int:
             log.error(f"fcmae-convert: error: verification failed ({max_diff:.3g} > {args.tolerance:g}); "
                       f"nothing written")
             return 1
-    saved_args = source.get("args")   # a dict in our checkpoints, a Namespace in official ones
-    saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args or {}
-    input_size = int(saved_args.get("input_size") or 224)
+    input_size = int(ckpt.saved_args(source).get("input_size") or 224)
     written = save_converted(dense_state, model_name, args.format, output, input_size)
     log.info(f"wrote {model_name} encoder weights ({len(dense_state)} tensors) to {output}: {written}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..engine import NonFiniteLossError
-from ..finetune import FINETUNE_RECIPE
+from ..finetune import FINETUNE_RECIPE, run_finetuning
 from . import (
     NON_NEGATIVE,
     POSITIVE,
@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     from .. import distributed
-    from ..finetune import run_finetuning
     run_or_exit("fcmae-finetune", lambda: run_finetuning(args),
                 (DataError, CheckpointError, NonFiniteLossError, ValueError))
     distributed.cleanup()

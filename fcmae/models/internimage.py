@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from ..masking import keep_maps, visible_sites
+from ..masking import keep_maps, visible_count, visible_sites
 from .dcnv3 import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, DCNv3, DenseGrid, Grid, PackedGrid, available_impls, layer_norm
 from .layers import (
     GradCheckpointing,
@@ -251,9 +251,10 @@ class InternImage(GradCheckpointing, nn.Module):
         and every image keeping the same number of patches, as FCMAE masks do; static shapes
         when ``num_visible`` is given)."""
         if mask is not None and self.packed_masked:
-            sites = visible_sites(mask, x.shape[-2:], self.patch_size, self.feature_strides, num_visible)
-            if sites[0].equal_counts:
-                return [PackedGrid(level_sites) for level_sites in sites]
+            num_visible = visible_count(mask) if num_visible is None else num_visible
+            if num_visible is not None:
+                return [PackedGrid(sites) for sites in
+                        visible_sites(mask, x.shape[-2:], self.patch_size, self.feature_strides, num_visible)]
         return [DenseGrid(keep) for keep in stage_keeps(mask, x, self.feature_strides, channel_dim=-1)]
 
     def forward_levels(self, x: Tensor, mask: Tensor | None = None, num_visible: int | None = None) -> list[Tensor]:

@@ -149,15 +149,15 @@ def check_device(value: Tensor) -> None:
         raise ValueError("the 'triton' DCNv3 implementation needs a CUDA device (on CPU use 'grid_sample')")
 
 
-def _launch(kernel, tuned, rows: int, group_channels: int, kernel_size: int, *args) -> None:
+def _launch(tuned, rows: int, group_channels: int, kernel_size: int, *args) -> None:
     """One program per ``BLOCK_ROWS`` (query, group) rows; channels padded to a power of 2.
     On CUDA the autotuned ``tuned`` picks the config; the interpreter (which cannot time)
-    runs ``kernel`` with the first fitting one."""
+    runs its kernel (``tuned.fn``) with the first fitting one."""
     block_c = triton.next_power_of_2(group_channels)
     if interpreting():
         rows_per_program = fitting_configs(CONFIGS, {}, BLOCK_C=block_c)[0].kwargs["BLOCK_ROWS"]
-        kernel[(triton.cdiv(rows, rows_per_program),)](*args, KERNEL=kernel_size, BLOCK_ROWS=rows_per_program,
-                                                       BLOCK_C=block_c)
+        tuned.fn[(triton.cdiv(rows, rows_per_program),)](*args, KERNEL=kernel_size, BLOCK_ROWS=rows_per_program,
+                                                         BLOCK_C=block_c)
         return
     tuned[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]),)](*args, KERNEL=kernel_size, BLOCK_C=block_c)
 
@@ -176,7 +176,7 @@ class TritonSample(torch.autograd.Function):
         batch, height, width, channels = value.shape
         rows, group_channels = batch * query_yx.shape[1] * groups, channels // groups
         out = value.new_empty(rows, group_channels)
-        _launch(_forward_kernel, _tuned_forward, rows, group_channels, kernel_size, value, offset, weight,
+        _launch(_tuned_forward, rows, group_channels, kernel_size, value, offset, weight,
                 query_yx, out, rows, query_yx.shape[1], height, width, groups, group_channels, float(offset_scale))
         return out
 
@@ -189,7 +189,7 @@ class TritonSample(torch.autograd.Function):
         grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         grad_offset = torch.empty(offset.shape, dtype=torch.float32, device=value.device)
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=value.device)
-        _launch(_backward_kernel, _tuned_backward, rows, group_channels, kernel_size, value, offset, weight, query_yx,
+        _launch(_tuned_backward, rows, group_channels, kernel_size, value, offset, weight, query_yx,
                 grad_out.contiguous(), grad_value, grad_offset, grad_weight, rows, query_yx.shape[1], height,
                 width, groups, group_channels, float(offset_scale))
         return (grad_value.to(value.dtype), grad_offset.to(offset.dtype), grad_weight.to(weight.dtype),
