@@ -209,6 +209,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     official ConvNeXt-V2 checkpoints store their ``args`` as one.
     """
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():   # an fcmae-convert --format timm folder
+        path = path / "model.safetensors"
+    elif path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a folder, not a checkpoint file (a .pth or .safetensors file, "
+                              f"or a folder written by fcmae-convert --format timm)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -320,12 +325,15 @@ def init_from_fcmae(model: nn.Module, checkpoint: dict[str, Any], model_name: st
     from .convert import ENCODER_PREFIX, encoder_state, infer_model_name
     state = state_dict_of(checkpoint)
     encoder = encoder_state(state)
-    saved_name = checkpoint.get("model_name")
-    if not isinstance(saved_name, str):
-        try:
-            saved_name = infer_model_name(encoder)
-        except CheckpointError:
-            saved_name = None
+    try:
+        inferred = infer_model_name(encoder)
+    except CheckpointError:
+        inferred = None
+    if inferred is None and not any(key.startswith(ENCODER_PREFIX) for key in state):
+        raise CheckpointError(f"{str(path)!r} holds dense (converted, timm or fine-tuned) weights, not an FCMAE "
+                              f"checkpoint: --init continues pretraining from fcmae-pretrain's checkpoint or an "
+                              f"official FCMAE file; dense weights are for fcmae-finetune --finetune")
+    saved_name = checkpoint.get("model_name") if isinstance(checkpoint.get("model_name"), str) else inferred
     check_compatible(model.encoder.state_dict(), encoder, model_name, saved_name, path)
     decoder = {key: value for key, value in state.items() if not key.startswith(ENCODER_PREFIX)}
     if not any(key.startswith(ENCODER_PREFIX) for key in state) or not decoder:

@@ -79,15 +79,16 @@ def infer_model_name(encoder: dict[str, Tensor]) -> str:
 
 
 def convert_state(state: dict[str, Tensor], model_name: str | None = None,
-                  fmt: str = "official") -> tuple[dict[str, Tensor], str]:
-    """FCMAE checkpoint weights → (dense encoder weights in ``fmt`` layout, model name)."""
+                  fmt: str = "official", named_by: str = "--model") -> tuple[dict[str, Tensor], str]:
+    """FCMAE checkpoint weights → (dense encoder weights in ``fmt`` layout, model name).
+    ``model_name``, where given, must be the model the weights hold (``named_by`` says where
+    the name came from, for the message)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     encoder = encoder_state(state)
     inferred = infer_model_name(encoder)
     if model_name is not None and model_name != inferred:
-        raise CheckpointError(f"--model {model_name!r} does not match the checkpoint, "
-                              f"which holds {inferred!r}")
+        raise CheckpointError(f"{named_by} names {model_name!r}, but the checkpoint's encoder is {inferred!r}")
     return encoder_to_dense(encoder, inferred, fmt), inferred
 
 

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision import transforms
 
 from . import distributed
@@ -206,6 +206,18 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files) * self.repeats
 
+    def check_readable(self, what: str) -> None:
+        """Read files in order until one loads, before training starts (not counted as
+        skipped); none readable is a :class:`DataError` naming ``what`` and the first failure."""
+        first_failure = None
+        for path in self.files:
+            try:
+                load_rgb(path)
+                return
+            except READ_ERRORS as error:
+                first_failure = first_failure or f"{path}: {getattr(error, 'strerror', None) or error}"
+        raise DataError(f"{what}: none of the {len(self.files)} images could be read (first: {first_failure})")
+
     def __getitem__(self, item: int | tuple[int, int]) -> torch.Tensor | tuple[torch.Tensor, int]:
         """``item``: an index, or (epoch, index) as the training loader asks for it; then a loader
         worker seeds its augmentation from (seed, epoch, index), whatever it did before."""
@@ -225,6 +237,15 @@ class ImageFiles(Dataset):
             image = augment(self.transform, image, self.files[position])
             return image if self.labels is None else (image, self.labels[position])
         raise DataError(f"none of the {len(self.files)} images could be read (first: {self.files[0]})")
+
+
+def check_readable(dataset: Dataset, what: str) -> None:
+    """Read a sample of ``dataset`` (:class:`ImageFiles`, :class:`~fcmae.shards.ShardImages`,
+    or a ``Subset`` of one) before the first step, so data that cannot be read at all ends the
+    run before any training: ``what`` names the flag it came from in the message."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    dataset.check_readable(what)
 
 
 def spread_indices(count: int, max_items: int | None) -> list[int]:

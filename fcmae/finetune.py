@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from . import checkpoint as ckpt
 from . import create_model, distributed
-from .convert import ENCODER_PREFIX, convert_state, in_timm_layout
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, eval_transform, labeled_images
+from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_readable, eval_transform, labeled_images
 from .engine import AMP_DTYPES, Callbacks, move_to, prepare_output, setup_run
 from .loader import make_train_loader
 from .optim import layer_decay_param_groups, param_groups
 from .run import model_kwargs, resolve_warmup, scale_lr, start_training, train
 from .shards import SHARD_INDEX, ShardImages, is_shard_spec, open_shard_set
+from .weights import load_dense_state
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,14 @@ def val_dataset(args: argparse.Namespace, cache_dir: Path | None) -> Dataset:
 
 
 def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, Dataset]:
-    """Train and validation sets with the same classes (:func:`train_dataset`, :func:`val_dataset`)."""
+    """Train and validation sets with the same classes (:func:`train_dataset`, :func:`val_dataset`),
+    a sample of each read before training."""
     val = val_dataset(args, cache_dir)
     train = train_dataset(args, cache_dir)
     if train.classes != val.classes:
         raise DataError(f"train and val classes differ: {train.classes[:5]} vs {val.classes[:5]}")
+    check_readable(train, "--data-path" if is_shard_spec(args.data_path) else f"{args.data_path}/train")
+    check_readable(val, "--val-data-path" if args.val_data_path else f"{args.data_path}/val")
     return train, val
 
 
@@ -107,14 +110,10 @@ def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:
 
 
 def read_pretrained(path: str, model_name: str) -> dict[str, torch.Tensor]:
-    """The dense (official layout) weights of a ``--finetune`` file: dense as they are, FCMAE
-    converted on the fly; read before any data, so a bad file costs nothing."""
-    state = ckpt.state_dict_of(ckpt.load_checkpoint(path))
-    if in_timm_layout(state, model_name):
-        raise ckpt.CheckpointError(f"{path} is in timm layout; convert with "
-                                   f"'fcmae-convert --format official' for fine-tuning here")
-    if any(key.startswith(ENCODER_PREFIX) for key in state):
-        state, _ = convert_state(state, model_name)  # an FCMAE checkpoint: convert on the fly
+    """The dense (official layout) weights of a ``--finetune`` file, whatever :func:`~fcmae.weights.load_encoder`
+    reads (FCMAE converted on the fly, timm layout mapped back); read before any data, so a
+    bad file costs nothing."""
+    state, _, _ = load_dense_state(path, model_name)
     return state
 
 

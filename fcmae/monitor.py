@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .data import ImageFiles, eval_transform, find_images
+from .data import ImageFiles, check_readable, eval_transform, find_images
 from .knn import knn_evaluate, knn_splits, spread_subset
 from .masking import patch_grid, random_masks
 
@@ -27,6 +27,8 @@ class KnnMonitor:
     def __init__(self, root: str | os.PathLike, input_size: int, epochs: int, every: int = 1, k: int = 20,
                  max_images: int = 1000, batch_size: int = 64, device: torch.device | str = "cpu") -> None:
         self.train, self.val, self.classes = knn_splits(root, input_size, max_images)
+        check_readable(self.train, "--knn-data-path train/")
+        check_readable(self.val, "--knn-data-path val/")
         self.epochs, self.every, self.k = epochs, every, k
         self.batch_size, self.device = batch_size, device
 
@@ -53,6 +55,7 @@ class ReconstructionMonitor:
                  epochs: int, every: int = 1, max_images: int = 512, seed: int = 0, batch_size: int = 64,
                  device: torch.device | str = "cpu") -> None:
         self.images = spread_subset(ImageFiles(find_images(root), eval_transform(input_size)), max_images)
+        check_readable(self.images, "--val-data-path")
         grid = patch_grid((input_size, input_size), patch_size)
         self.masks = random_masks(len(self.images), grid[0] * grid[1], mask_ratio,
                                   generator=torch.Generator().manual_seed(seed))

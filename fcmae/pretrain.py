@@ -9,7 +9,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import create_fcmae, distributed
-from .data import build_pretrain_dataset
+from .data import build_pretrain_dataset, check_readable
 from .engine import Callbacks, check_device, prepare_output, setup_run
 from .loader import make_train_loader
 from .logger import RunLogger
@@ -71,6 +71,7 @@ def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device, o
               init_checkpoint: dict | None) -> tuple[Path, torch.nn.Module]:
     dataset = build_pretrain_dataset(args.data_path, args.input_size, args.seed, args.batch_size,
                                      args.shard_index, cache=output_dir / "file-list.txt")
+    check_readable(dataset, "--data-path" if args.data_path else "the demo photos")
     loader = make_train_loader(dataset, args.batch_size, args.num_workers, device, args.seed,
                                args.accum_iter, args.steps_per_epoch)
     model = create_fcmae(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
@@ -114,7 +115,8 @@ def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device, o
 
 
 def build_monitors(args: argparse.Namespace, patch_size: int, device: torch.device) -> list:
-    """The between-epoch measurements asked for (their data is read now, before training)."""
+    """The between-epoch measurements asked for (their data is found and a sample of each
+    read now, before training)."""
     monitors: list = []
     if args.knn_data_path:
         monitors.append(KnnMonitor(args.knn_data_path, args.input_size, args.epochs, args.monitor_every, args.knn_k,

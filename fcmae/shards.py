@@ -8,20 +8,23 @@ without reading the data.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
 import os
 import random
 import re
+import shutil
 import tarfile
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -78,16 +81,73 @@ def open_shard_set(spec: str, index: str | os.PathLike | None = None) -> ShardSe
     if index is None and local and (Path(urls[0]).parent / SHARD_INDEX).is_file():
         index = Path(urls[0]).parent / SHARD_INDEX
     if index is not None:
-        recorded = json.loads(Path(index).read_text())
-        counts = {entry["name"]: entry["samples"] for entry in recorded["shards"]}
-        unknown = [url for url in urls if _shard_name(url) not in counts]
+        entries, classes = read_shard_index(index)
+        unknown = [url for url in urls if _shard_name(url) not in entries]
         if unknown:
             raise DataError(f"{index} does not list shard {_shard_name(unknown[0])!r}")
-        return ShardSet(urls, [counts[_shard_name(url)] for url in urls], recorded.get("classes", []))
-    if not local:
+        if local:
+            for url in urls:
+                check_against_index(url, entries[_shard_name(url)], index)
+        shard_set = ShardSet(urls, [entries[_shard_name(url)]["samples"] for url in urls], classes)
+    elif not local:
         raise DataError(f"a pipe: spec cannot be counted without reading it; pass --shard-index "
                         f"with the {SHARD_INDEX} that fcmae-shards wrote")
-    return ShardSet(urls, [_count_samples(url) for url in urls], [])
+    else:
+        shard_set = ShardSet(urls, [_count_samples(url) for url in urls], [])
+    if shard_set.total == 0:
+        raise DataError(f"the shards of {spec!r} hold no image samples"
+                        f"{f' (according to {index})' if index is not None else ''}")
+    return shard_set
+
+
+# A tar member takes a 512-byte header and at least one 512-byte block of data: a sample
+# (one image member at least) cannot take fewer bytes than this.
+MIN_SAMPLE_BYTES = 1024
+
+
+def read_shard_index(index: str | os.PathLike) -> tuple[dict[str, dict], list[str]]:
+    """The entries of a ``shards.json`` by shard name (``samples``, and ``bytes`` where
+    fcmae-shards recorded it) and its class names, every field checked: a file that is missing,
+    not JSON or not in this form is a one-line :class:`DataError` naming the file."""
+    path = Path(index)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise DataError(f"shard index {path} is a folder; pass the {SHARD_INDEX} file inside it") from None
+    except FileNotFoundError:
+        raise DataError(f"shard index {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"shard index {path} cannot be read as JSON: {error}") from None
+
+    def bad(what: str) -> DataError:
+        return DataError(f"shard index {path} is not a {SHARD_INDEX} written by fcmae-shards: {what}")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("shards"), list):
+        raise bad("no 'shards' list at its top level")
+    classes = recorded.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise bad("'classes' is not a list of names")
+    entries: dict[str, dict] = {}
+    for number, entry in enumerate(recorded["shards"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise bad(f"shard entry {number} has no 'name'")
+        for field in ("samples", "bytes"):
+            value = entry.get(field, 0 if field == "bytes" else None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(f"'{field}' of shard {entry['name']!r} is {value!r}, not a count")
+        entries[entry["name"]] = entry
+    return entries, classes
+
+
+def check_against_index(url: str, entry: dict, index: str | os.PathLike) -> None:
+    """Refuse a local shard that is not the file ``index`` describes: another size than the
+    recorded ``bytes``, or fewer bytes than its recorded sample count needs."""
+    size = Path(url).stat().st_size
+    if entry.get("bytes") and size != entry["bytes"]:
+        raise DataError(f"{url} has {size} bytes, but {index} records {entry['bytes']}: the shards and their index "
+                        f"are from different writes (an interrupted fcmae-shards?); write the set again")
+    if entry["samples"] * MIN_SAMPLE_BYTES > size:
+        raise DataError(f"{index} says {url} holds {entry['samples']} samples, more than its {size} bytes can "
+                        f"hold; the index does not belong to these shards: write the set again")
 
 
 def _shard_name(url: str) -> str:
@@ -227,20 +287,50 @@ class ShardImages(IterableDataset):
             rng.shuffle(buffer)
             yield from buffer
 
-    def _samples(self, urls: Sequence[str]) -> Iterator[dict]:
+    def check_readable(self, what: str) -> None:
+        """Read samples in shard order until one is usable (an image, and a valid label where
+        labeled), before training starts; none among the first ``max_consecutive_skips`` (or
+        in the whole set) is a :class:`DataError` naming ``what`` and the first problem. Not
+        counted as skipped."""
+        problems: list[str] = []
+        read = 0
+        with contextlib.closing(self._samples(self.shards.urls, on_error=lambda error: problems.append(str(error)))) \
+                as samples:
+            for read, sample in enumerate(samples, 1):
+                try:
+                    self._read(sample)
+                    return
+                except (*READ_ERRORS, KeyError) as error:
+                    problems.append(f"{_where(sample)}: {error}")
+                if read >= self.max_consecutive_skips:
+                    break
+        raise DataError(f"{what}: no usable sample in {self.shards.urls[0]} … ({read} sample(s) read; first problem: "
+                        f"{problems[0] if problems else 'the shards hold no sample'})")
+
+    def _samples(self, urls: Sequence[str], on_error: Callable[[Exception], None] | None = None) -> Iterator[dict]:
         def skip(error: Exception) -> bool:
-            self._count_skip(f"shard read failed: {error}")
+            if on_error is None:
+                self._count_skip(f"shard read failed: {error}")
+            else:
+                on_error(error)
             return True      # go on with the next shard
         yield from _webdataset().tarfile_samples([{"url": url} for url in urls], handler=skip)
 
-    def _decode(self, sample: dict, position: tuple[int, ...] | None = None):
+    def _read(self, sample: dict) -> tuple[Image.Image, int | None]:
+        """(the sample's image, its label or None); READ_ERRORS or KeyError where it has no usable one."""
         key = next((k for k in IMAGE_KEYS if k in sample), None)
-        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        if key is None:
+            raise ValueError("no image in the sample")
         try:
-            if key is None:
-                raise ValueError("no image in the sample")
             image = load_rgb(io.BytesIO(sample[key]))
-            label = self._label(sample) if self.labeled else None
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(f"its .{key} is not an image Pillow can read") from None
+        return image, self._label(sample) if self.labeled else None
+
+    def _decode(self, sample: dict, position: tuple[int, ...] | None = None):
+        where = _where(sample)
+        try:
+            image, label = self._read(sample)
         except (*READ_ERRORS, KeyError) as error:
             self._count_skip(f"skipping unreadable sample {where}: {error}")
             return None
@@ -265,6 +355,10 @@ class ShardImages(IterableDataset):
         warnings.warn(message, stacklevel=3)
 
 
+def _where(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
 def write_shards(source: str | os.PathLike, destination: str | os.PathLike, prefix: str = "shard",
                  max_count: int = 10_000, max_size: float = 1e9, labeled: bool | None = None,
                  progress: tqdm | None = None, shuffle_seed: int | None = 0) -> dict:
@@ -272,9 +366,15 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
     bytes (no re-encoding), plus ``shards.json``. An ImageFolder tree (sub-folders only) keeps
     its labels as ``cls`` (``labeled=None``: decide by the layout). Images are packed in an
     order shuffled with ``shuffle_seed`` (None: sorted by path), so every shard mixes the
-    classes; a file that is not an image Pillow can open is skipped and reported. Each shard is
-    written under a temporary name and renamed when complete. ``progress`` (a tqdm bar) gets the
-    image count and advances per image. Returns the summary also stored in ``shards.json``."""
+    classes; a file that is not an image Pillow can open is skipped and reported. ``progress``
+    (a tqdm bar) gets the image count and advances per image.
+
+    The whole set is written into a fresh hidden folder inside ``destination`` first; an
+    interruption or error there removes that folder and leaves ``destination`` as it was. A
+    complete set is then moved in: the index first (with each shard's size and sample count),
+    then the shards, so a set cut short while moving never passes for a whole one (readers
+    compare each shard with the index: :func:`check_against_index`). Returns the summary
+    stored in ``shards.json``."""
     from .checkpoint import atomic_write
     from .data import class_labels, find_images
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
@@ -290,9 +390,40 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
     if progress is not None:
         progress.reset(total=len(files))
     destination.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=destination))
+    try:
+        shards, skipped = _pack(files, labels if labeled else None, source, staging / f"{prefix}-%06d.tar",
+                                max_count, max_size, shuffle_seed, progress)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)     # our own fresh folder: nothing else is in it
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+            raise OSError(f"writing shards into {destination} failed ({error.strerror or error}); "
+                          f"{destination} is unchanged") from None
+        raise
+    if not shards:
+        staging.rmdir()
+        raise DataError(f"no image under {source} could be read; no shard written")
+    summary = {"source": str(source), "shards": shards, "classes": classes if labeled else [],
+               "samples": sum(shard["samples"] for shard in shards), "skipped": skipped}
+    atomic_write(destination / SHARD_INDEX, lambda file: file.write(json.dumps(summary, indent=1).encode()))
+    for shard in shards:
+        os.replace(staging / shard["name"], destination / shard["name"])
+    staging.rmdir()
+    return summary
+
+
+STAGING_PREFIX = ".fcmae-shards-"
+
+
+def _pack(files: Sequence[Path], labels: Sequence[int] | None, source: Path, pattern: Path, max_count: int,
+          max_size: float, shuffle_seed: int | None, progress: tqdm | None) -> tuple[list[dict], list[str]]:
+    """Write ``files`` as shards named by ``pattern`` (in a fresh folder); returns (one entry
+    per complete shard: name, samples, bytes; the files skipped, with the reason). A shard is
+    written as ``NAME.partial`` and renamed only when complete; an exception leaves the
+    shard in progress unpublished."""
     shards: list[dict] = []
-    handles: dict[str, object] = {}
     skipped: list[str] = []
+    handles: dict[str, object] = {}
 
     def open_partial(name: str):
         # a new file, never through a link planted there: O_EXCL refuses any existing name
@@ -310,11 +441,10 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
             Path(f"{name}.partial").unlink()
             return
         os.replace(f"{name}.partial", name)
-        shards.append({"name": Path(name).name, "samples": writer.count})
+        shards.append({"name": Path(name).name, "samples": writer.count, "bytes": Path(name).stat().st_size})
 
-    pattern = str(destination / f"{prefix}-%06d.tar")
-    writer = _webdataset().ShardWriter(pattern, maxcount=max_count, maxsize=max_size, opener=open_partial,
-                             post=publish, verbose=0)
+    writer = _webdataset().ShardWriter(str(pattern), maxcount=max_count, maxsize=max_size, opener=open_partial,
+                                       post=publish, verbose=0)
     order = list(range(len(files)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
@@ -327,24 +457,18 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
                     image.verify()
             except READ_ERRORS as error:
                 skipped.append(f"{path}: {getattr(error, 'strerror', None) or error}")
-                if progress is not None:
-                    progress.update()
-                continue
-            sample = {"__key__": f"{index:09d}", path.suffix.lower().lstrip("."): data,
-                      "path": str(path.relative_to(source))}
-            if labeled:
-                sample["cls"] = str(labels[index])
-            writer.write(sample)
+            else:
+                sample = {"__key__": f"{index:09d}", path.suffix.lower().lstrip("."): data,
+                          "path": str(path.relative_to(source))}
+                if labels is not None:
+                    sample["cls"] = str(labels[index])
+                writer.write(sample)
             if progress is not None:
                 progress.update()
-    finally:
-        writer.close()
-        for name in list(handles):            # an interrupted shard: never published
-            handles.pop(name).close()
-            Path(f"{name}.partial").unlink(missing_ok=True)
-    if not shards:
-        raise DataError(f"no image under {source} could be read; no shard written")
-    summary = {"source": str(source), "shards": shards, "classes": classes if labeled else [],
-               "samples": sum(shard["samples"] for shard in shards), "skipped": skipped}
-    atomic_write(destination / SHARD_INDEX, lambda file: file.write(json.dumps(summary, indent=1).encode()))
-    return summary
+    except BaseException:
+        writer.post = None                    # the shard in progress is never published
+        for handle in handles.values():
+            handle.close()
+        raise
+    writer.close()
+    return shards, skipped

@@ -65,6 +65,29 @@ def trained_input_size(checkpoint: dict, folder: Path | None = None) -> int | No
     return size if 32 <= size <= 8192 and size % 32 == 0 else None
 
 
+def saved_model_name(checkpoint: dict, source: str | os.PathLike) -> str | None:
+    """The ``model_name`` entry of a checkpoint, checked like user input: a registered model
+    name, or None where the file has none."""
+    name = checkpoint.get("model_name")
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in list_models():
+        raise ckpt.CheckpointError(f"{str(source)!r} names its model {str(name)[:60]!r}, which is not a known model "
+                                   f"({', '.join(list_models())}); pass --model")
+    return name
+
+
+def saved_mask_ratio(checkpoint: dict) -> float | None:
+    """The mask ratio a pretraining checkpoint was trained with, where its saved args hold a
+    usable one (a number strictly between 0 and 1); None otherwise."""
+    value = ckpt.saved_args(checkpoint).get("mask_ratio")
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        return None
+    return ratio if 0 < ratio < 1 else None
+
+
 def load_dense_state(source: str | os.PathLike,
                      model_name: str | None = None) -> tuple[dict[str, Tensor], str, int | None]:
     """(official-layout dense weights, model name, the image side they were trained at or None)
@@ -76,10 +99,11 @@ def load_dense_state(source: str | os.PathLike,
     checkpoint = ckpt.load_checkpoint(path)
     input_size = trained_input_size(checkpoint, folder)
     state = ckpt.state_dict_of(checkpoint)
-    model_name = model_name or checkpoint.get("model_name")
+    named_by = "--model" if model_name else f"the file's model_name entry ({path})"
+    model_name = model_name or saved_model_name(checkpoint, path)
     if any(key.startswith(ENCODER_PREFIX) for key in state):
         from .convert import convert_state
-        dense, name = convert_state(state, model_name)
+        dense, name = convert_state(state, model_name, named_by=named_by)
         return dense, name, input_size
     if model_name is None:
         try:
@@ -156,7 +180,9 @@ def extract_features(model: nn.Module, images: Tensor, pooled: bool = True,
 def load_fcmae(source: str | os.PathLike, model_name: str | None = None) -> tuple[nn.Module, str, dict]:
     """An FCMAE pretraining checkpoint (ours or official, any family) as an FCMAE model in eval
     mode, decoder included (its width and depth read from the weights). Returns (model, model
-    name, the run's saved arguments as a dict, empty where the file has none)."""
+    name, the settings the file records, each checked and None where it has no usable one:
+    ``input_size``, ``mask_ratio``). Everything read from the file is checked like user input
+    before a model is built from it."""
     from . import create_fcmae
     from .convert import infer_model_name
     checkpoint = ckpt.load_checkpoint(source)
@@ -164,11 +190,30 @@ def load_fcmae(source: str | os.PathLike, model_name: str | None = None) -> tupl
     if not any(key.startswith(ENCODER_PREFIX) for key in state) or "proj.weight" not in state:
         raise ckpt.CheckpointError(f"{str(source)!r} holds no FCMAE encoder + decoder; pass a pretraining "
                                    f"checkpoint (fcmae-pretrain's checkpoint-last.pth or an official FCMAE file)")
-    saved_args = ckpt.saved_args(checkpoint)
-    model_name = model_name or checkpoint.get("model_name") or infer_model_name(encoder_state(state))
-    decoder_depth = len({key.split(".")[1] for key in state if key.startswith("decoder.")})
-    model = create_fcmae(model_name, decoder_dim=state["proj.weight"].shape[0], decoder_depth=decoder_depth,
-                         norm_pix_loss=bool(saved_args.get("norm_pix_loss", True)))
+    model_name = model_name or saved_model_name(checkpoint, source) or infer_model_name(encoder_state(state))
+    decoder_dim, decoder_depth = decoder_shape(state, source)
+    norm_pix_loss = ckpt.saved_args(checkpoint).get("norm_pix_loss", True)
+    model = create_fcmae(model_name, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                         norm_pix_loss=norm_pix_loss if isinstance(norm_pix_loss, bool) else True)
     ckpt.check_compatible(model.state_dict(), state, model_name, checkpoint.get("model_name"), source)
     model.load_state_dict(state)
-    return model.eval(), model_name, saved_args
+    settings = {"input_size": trained_input_size(checkpoint), "mask_ratio": saved_mask_ratio(checkpoint)}
+    return model.eval(), model_name, settings
+
+
+MAX_DECODER_DIM, MAX_DECODER_DEPTH = 8192, 64
+
+
+def decoder_shape(state: dict[str, Tensor], source: str | os.PathLike) -> tuple[int, int]:
+    """(decoder width, decoder depth) of FCMAE weights, from ``proj.weight`` (dim, C, 1, 1) and
+    the ``decoder.N.*`` blocks; a shape no decoder has is a :class:`CheckpointError`."""
+    proj = state["proj.weight"]
+    blocks = {key.split(".")[1] for key in state if key.startswith("decoder.")}
+    if proj.ndim != 4 or not 0 < proj.shape[0] <= MAX_DECODER_DIM or tuple(proj.shape[2:]) != (1, 1):
+        raise ckpt.CheckpointError(f"{str(source)!r}: proj.weight has shape {tuple(proj.shape)}, not a decoder's "
+                                   f"(dim, channels, 1, 1) with dim <= {MAX_DECODER_DIM}; the file is damaged")
+    if not all(block.isdigit() for block in blocks) or sorted(map(int, blocks)) != list(range(len(blocks))) \
+            or not 0 < len(blocks) <= MAX_DECODER_DEPTH:
+        raise ckpt.CheckpointError(f"{str(source)!r}: decoder blocks {sorted(blocks)[:5]} are not 0..N-1 with "
+                                   f"1 <= N <= {MAX_DECODER_DEPTH}; the file is damaged")
+    return proj.shape[0], len(blocks)

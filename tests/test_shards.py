@@ -1,6 +1,7 @@
 """WebDataset shards: fcmae-shards packs folders faithfully, ranks and workers split an epoch
 without overlap, resume is exact, and bad shards end in a message or a counted skip."""
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -16,8 +17,8 @@ from PIL import Image
 from fcmae.checkpoint import load_checkpoint
 from fcmae.cli import pretrain
 from fcmae.cli import shards as shards_cli
-from fcmae.data import find_images, load_rgb
-from fcmae.shards import ShardImages, open_shard_set
+from fcmae.data import DataError, find_images, load_rgb
+from fcmae.shards import ShardImages, ShardSet, open_shard_set
 
 from .helpers import exit_code, free_port, interrupt_at_epoch
 
@@ -135,11 +136,9 @@ def test_truncated_shard_is_skipped_and_counted(packed, tmp_path):
     bad.write_bytes((packed / "shard-000000.tar").read_bytes()[:2000])   # first member cut short
     good = tmp_path / "shard-000001.tar"
     good.write_bytes((packed / "shard-000001.tar").read_bytes())
-    index = {"shards": [{"name": bad.name, "samples": 3}, {"name": good.name, "samples": 3}],
-             "classes": ["a", "b", "c"]}
-    (tmp_path / "shards.json").write_text(json.dumps(index))
-    stream = ShardImages(open_shard_set(f"{tmp_path}/shard-{{000000..000001}}.tar"), to_array, labeled=True,
-                         batch_size=1, train=False)
+    # cut short in transit (a local truncated file is refused against its index before training)
+    shard_set = ShardSet([str(bad), str(good)], [3, 3], ["a", "b", "c"])
+    stream = ShardImages(shard_set, to_array, labeled=True, batch_size=1, train=False)
     with pytest.warns(UserWarning):
         items = list(stream)
     assert len(items) == 3 and stream.num_skipped >= 1
@@ -155,11 +154,11 @@ def write_tar(path, members):
 
 @pytest.mark.parametrize("case,message", [
     ("no match", "matches no file"),
-    ("no images", "fewer than 1 batch(es)"),
-    ("failing pipe", "hold no readable image"),
+    ("no images", "hold no image samples"),
+    ("failing pipe", "no usable sample in pipe:false x.tar … (0 sample(s) read; first problem: "),
     ("pipe without index", "--shard-index"),
     ("too few shards", "cannot feed"),
-    ("no usable sample", "in a row"),
+    ("no usable sample", "no usable sample in"),
 ])
 def test_bad_shards_end_with_one_error_line(case, message, packed, tmp_path, capsys):
     extra = []
@@ -179,19 +178,22 @@ def test_bad_shards_end_with_one_error_line(case, message, packed, tmp_path, cap
         spec, extra = f"{tmp_path}/bad-000.tar", ["--num-workers", "0", "--batch-size", "2"]
     else:
         spec, extra = spec_of(packed, 1), ["--num-workers", "2"]
-    with pytest.warns(UserWarning) if case in ("failing pipe", "no usable sample") else _nothing():
-        code = exit_code(pretrain.main, PRETRAIN + ["--data-path", spec, "--epochs", "1",
-                                                    "--output-dir", tmp_path / "out", *extra])
+    code = exit_code(pretrain.main, PRETRAIN + ["--data-path", spec, "--epochs", "1",
+                                                "--output-dir", tmp_path / "out", *extra])
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def test_a_run_of_unusable_samples_in_training_ends_the_stream(packed, tmp_path):
+    """Found during training (after the check before the first step read a good sample): a
+    bounded run of unusable samples is an error, not an endless loop."""
+    write_tar(tmp_path / "bad-000.tar", {f"{i:04d}.jpg": b"not a jpeg" for i in range(6)})
+    shard_set = ShardSet([str(tmp_path / "bad-000.tar")], [6], [])
+    stream = ShardImages(shard_set, to_array, labeled=False, batch_size=1, shuffle_buffer=1)
+    stream.max_consecutive_skips = 3
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="3 samples in a row"):
+        list(itertools.islice(stream, 1))
+    assert stream.num_skipped == 3
 
 
 def test_fcmae_shards_refuses_to_overwrite(labeled_folder, packed, capsys):
@@ -259,6 +261,9 @@ def test_a_link_planted_at_a_partial_shard_is_never_followed(labeled_folder, tmp
     target = tmp_path / "victim.txt"
     target.write_text("precious")
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "shard-000000.tar.partial").symlink_to(target)
-    assert exit_code(shards_cli.main, [labeled_folder, tmp_path / "out"]) != 0
-    assert target.read_text() == "precious"
+    planted = tmp_path / "out" / "shard-000000.tar.partial"
+    planted.symlink_to(target)
+    assert exit_code(shards_cli.main, [labeled_folder, tmp_path / "out"]) == 0   # written in a fresh folder
+    assert target.read_text() == "precious" and planted.is_symlink()            # neither followed nor removed
+    shard = tmp_path / "out" / "shard-000000.tar"
+    assert shard.is_file() and not shard.is_symlink()

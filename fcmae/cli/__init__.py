@@ -112,6 +112,10 @@ def check_output_file(output: str, suffixes: tuple[str, ...]) -> Path:
         raise FileNotFoundError(f"-o {path}: folder {path.parent} does not exist")
     if path.suffix.lower() not in suffixes:
         raise ValueError(f"-o {path}: name a {' or '.join(suffixes)} file")
+    if path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"-o {path} is a {'folder' if path.is_dir() else 'symbolic link'}; name a new file")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"-o {path}: folder {path.parent} is not writable")
     return path
 
 

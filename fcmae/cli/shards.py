@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data import DataError
-from ..shards import SHARD_INDEX, write_shards
+from ..shards import SHARD_INDEX, STAGING_PREFIX, write_shards
 from . import POSITIVE, POSITIVE_INT, SEED, HelpFormatter, add_log_level_argument, configure_logging, run_or_exit
 
 log = logging.getLogger("fcmae.cli")
@@ -44,6 +44,14 @@ def run(args: argparse.Namespace) -> int:
                                shuffle_seed=None if args.no_shuffle else args.seed)
     for problem in summary["skipped"]:
         log.warning(f"skipped {problem}")
+    written = {shard["name"] for shard in summary["shards"]}
+    earlier = sorted(path.name for path in destination.glob(f"{args.prefix}-*.tar") if path.name not in written)
+    if earlier:
+        log.warning(f"{len(earlier)} shard(s) of an earlier set remain in {destination} ({', '.join(earlier[:3])}"
+                    f"{' …' if len(earlier) > 3 else ''}); they are not in the new {SHARD_INDEX}, which readers "
+                    f"refuse them against: delete them yourself")
+    for leftover in destination.glob(f"{STAGING_PREFIX}*"):
+        log.warning(f"{leftover} was left by a killed fcmae-shards; delete it")
     labels = f", {len(summary['classes'])} classes" if summary["classes"] else ", unlabeled"
     numbers = [shard["name"][len(args.prefix) + 1:-len(".tar")] for shard in summary["shards"]]
     log.info(f"wrote {summary['samples']} images{labels} into {len(numbers)} shards in {destination}; "

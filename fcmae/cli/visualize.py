@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     output = check_output_file(args.output, (".png", ".jpg", ".jpeg"))
     model, model_name, saved = load_fcmae(args.checkpoint, args.model)
-    input_size = args.input_size or int(saved.get("input_size") or 224)
-    mask_ratio = args.mask_ratio or float(saved.get("mask_ratio") or 0.6)
+    input_size = args.input_size or saved["input_size"] or 224
+    mask_ratio = args.mask_ratio or saved["mask_ratio"] or 0.6
     check_pretraining_masks(input_size, model.patch_size, mask_ratio)
     paths = [Path(path) for path in args.images] or (find_images(args.data_path) if args.data_path
                                                       else demo_photo_paths(DEMO_HELDOUT_PHOTOS))
