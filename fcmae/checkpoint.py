@@ -16,6 +16,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -399,13 +400,19 @@ def find_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | Non
 
 
 def training_checkpoint(weights: dict[str, Any], optimizer: torch.optim.Optimizer, scaler, epoch: int,
-                        step: int, args: argparse.Namespace, model_name: str, rng: list[dict[str, Any]]) -> dict:
+                        step: int, args: argparse.Namespace, model_name: str, rng: list[dict[str, Any]],
+                        batch: int = 0, epoch_losses: list[float] | None = None) -> dict:
     """The checkpoint of a training run (format :data:`FORMAT`): ``weights`` (``model`` and e.g.
-    ``model_ema``), optimizer, scaler, epoch, step, args (paths as text), model name and one RNG
-    state per rank — what :func:`resume_training` reads back."""
-    return {**weights, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "step": step, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "model_name": model_name, "rng": rng, "format": FORMAT}
+    ``model_ema``), optimizer, scaler, ``epoch`` (the last one completed), step, args (paths as
+    text), model name and one RNG state per rank — what :func:`resume_training` reads back.
+    A mid-epoch checkpoint (a preempted run) also holds ``batch``, the batches of the next
+    epoch already trained, and their ``epoch_losses``."""
+    checkpoint = {**weights, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                  "step": step, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "model_name": model_name, "rng": rng, "format": FORMAT}
+    if batch:
+        checkpoint |= {"batch": batch, "epoch_losses": list(epoch_losses or [])}
+    return checkpoint
 
 
 def load_training_weights(path: str | os.PathLike, model: nn.Module, model_name: str) -> dict[str, Any]:
@@ -425,9 +432,9 @@ def load_training_weights(path: str | os.PathLike, model: nn.Module, model_name:
 def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler, model_name: str,
                     rank: int, world_size: int,
                     extra_modules: dict[str, Any] | None = None,
-                    check_settings: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, int]:
+                    check_settings: Callable[[dict[str, Any]], None] | None = None) -> ResumePoint:
     """Restore model, optimizer, scaler, RNG (and e.g. ``{'model_ema': ema}``) to continue
-    exactly; returns (next epoch, global step). ``check_settings(saved_args)`` runs once the
+    exactly; returns where to continue. ``check_settings(saved_args)`` runs once the
     weights are known to fit, on the settings the checkpoint was trained with (a dict, empty if
     it has none), before the optimizer and RNG states are restored."""
     checkpoint = load_training_weights(path, model, model_name)
@@ -446,4 +453,16 @@ def resume_training(path: str | os.PathLike, model: nn.Module, optimizer, scaler
     elif rng:
         log.warning(f"checkpoint has RNG states for {len(rng)} processes, this run has "
                     f"{world_size}; continuing with fresh random streams")
-    return int(checkpoint.get("epoch", -1)) + 1, int(checkpoint.get("step", 0))
+    return ResumePoint(int(checkpoint.get("epoch", -1)) + 1, int(checkpoint.get("step", 0)),
+                       int(checkpoint.get("batch", 0)), [float(loss) for loss in checkpoint.get("epoch_losses", [])])
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: at batch ``batch`` of ``epoch`` (0: its start), after
+    ``step`` optimizer steps; ``epoch_losses`` are the losses of the batches before it."""
+
+    epoch: int
+    step: int
+    batch: int = 0
+    epoch_losses: list[float] = field(default_factory=list)

@@ -1,23 +1,60 @@
-"""torch.distributed helpers: set up from torchrun's environment, rank-aware utilities."""
+"""torch.distributed helpers: set up from torchrun's or Slurm's environment, rank-aware utilities."""
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import slurm
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands in a multi-process run, as its launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str                     # "torchrun", "srun" or "none"
+    master_addr: str | None = None    # srun: the first host of the step; torchrun sets its own
+    master_port: int | None = None
+
+
+def describe_launch(env: Mapping[str, str] = os.environ) -> Launch:
+    """The launch ``env`` describes: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (which win,
+    e.g. torchrun inside a Slurm allocation); else a task of an ``srun`` step (one process per
+    GPU, ``SLURM_PROCID``/``SLURM_STEP_NUM_TASKS``/``SLURM_LOCALID``, rendezvous at the step's
+    first host on ``MASTER_PORT`` or a port derived from the job id); else one process. A
+    batch script itself (no ``srun`` step) is one process, whatever ``--ntasks`` says."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else slurm.port_for_job(env.get("SLURM_JOB_ID", "0"))
+        return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                      "srun", env.get("MASTER_ADDR") or slurm.first_host(nodes), port)
+    return Launch(0, 1, 0, "none")
+
 
 def init_distributed(backend: str | None = None) -> tuple[int, int, int]:
-    """Join the process group torchrun describes in the environment, if any.
+    """Join the process group torchrun or ``srun`` describes in the environment, if any
+    (:func:`describe_launch`; under srun, torchrun's variables are set from Slurm's so that
+    ``env://`` rendezvous and every later reader see one description).
 
     Returns (rank, world_size, local_rank); (0, 1, 0) for a plain single-process run.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    launch = describe_launch()
+    if launch.world_size == 1 and launch.launcher != "torchrun":
         return 0, 1, 0
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
+    if launch.launcher == "srun":
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                          MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
@@ -44,11 +81,16 @@ def is_main_process() -> bool:
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
     """Mean of a Python float over all ranks (the value itself when not distributed)."""
+    return all_reduce_sums([value], device)[0] / world_size()
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sums of Python floats over all ranks, in one collective (the values when not distributed)."""
     if not is_distributed():
-        return value
-    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return tensor.item() / world_size()
+    return tensor.tolist()
 
 
 def all_gather_state(state: Any) -> list[Any]:

@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, preemption
 from .loader import BatchStream
 from .logger import LOG_FILE, RunLogger
 from .optim import cosine_lr, set_lr
@@ -120,13 +120,32 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+@dataclass
+class EpochResult:
+    """What :func:`train_one_epoch` did: the loss of every batch of the epoch so far (those of
+    an interrupted part first), the global optimizer step after it, and where it stopped early
+    on a preemption request (the batches of the epoch done), None for a whole epoch."""
+
+    losses: list[float]
+    step: int
+    stopped_after: int | None = None
+    stop_requested: bool = False
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+
 def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, loss_fn: LossFn, config: TrainingConfig,
                     epoch: int, step: int, device: torch.device, logger: RunLogger,
-                    step_hook: StepHook | None = None) -> tuple[dict[str, float], int]:
+                    step_hook: StepHook | None = None, start_batch: int = 0,
+                    earlier_losses: list[float] | None = None) -> EpochResult:
     """Train ``epoch`` on ``len(batches) // accum_iter`` optimizer steps taken from ``batches``
-    (a :class:`~fcmae.loader.BatchStream`, or any sized iterable); returns
-    ({'loss': mean, ...}, global optimizer step after the epoch)."""
+    (a :class:`~fcmae.loader.BatchStream`, or any sized iterable), from batch ``start_batch``
+    on (a resumed mid-epoch checkpoint: ``batches`` then starts there, ``earlier_losses`` are
+    the losses before it). A preemption request (:mod:`fcmae.preemption`, on any rank) ends
+    the epoch after the optimizer step in progress, on every rank at the same step."""
     model.train()
     accum = config.accum_iter
     steps = len(batches) // accum
@@ -134,13 +153,13 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
         raise ValueError(f"an epoch has {len(batches)} batches, fewer than --accum-iter {accum}")
     amp_dtype = AMP_DTYPES[config.amp]
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    losses: list[float] = []
+    losses: list[float] = list(earlier_losses or [])
     optimizer.zero_grad(set_to_none=True)
-    progress = tqdm(total=steps, desc=f"epoch {epoch}", disable=not distributed.is_main_process(),
-                    dynamic_ncols=True)
+    progress = tqdm(total=steps, initial=start_batch // accum, desc=f"epoch {epoch}",
+                    disable=not distributed.is_main_process(), dynamic_ncols=True)
     step_start = time.perf_counter()
     try:
-        for index, batch in enumerate(itertools.islice(iter(batches), steps * accum)):
+        for index, batch in enumerate(itertools.islice(iter(batches), steps * accum - start_batch), start_batch):
             if index % accum == 0:   # the schedule at the end of this step: the first step has lr > 0
                 lr = cosine_lr(epoch + (index // accum + 1) / steps, config.lr, config.min_lr,
                                config.warmup_epochs, config.epochs)
@@ -151,7 +170,9 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
             with model.no_sync() if no_sync else nullcontext():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, outputs = loss_fn(model, batch)
-                loss_value = distributed.all_reduce_mean(loss.item(), device)
+                loss_sum, stop_votes = distributed.all_reduce_sums(
+                    [loss.item(), float(preemption.requested() is not None)], device)
+                loss_value = loss_sum / distributed.world_size()
                 if not math.isfinite(loss_value):
                     raise NonFiniteLossError(
                         f"loss is {loss_value} at epoch {epoch}, step {step + 1} (batch {index}); "
@@ -182,12 +203,15 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
             progress.update()
             if step_hook is not None:
                 step_hook(step, batch, outputs)
+            if stop_votes:
+                within = index + 1 < steps * accum
+                return EpochResult(losses, step, stopped_after=index + 1 if within else None, stop_requested=True)
     except BaseException as interrupt:
         mark_progress(interrupt, epoch, step)
         raise
     finally:
         progress.close()
-    return {"loss": sum(losses) / len(losses)}, step
+    return EpochResult(losses, step)
 
 
 def mark_progress(interrupt: BaseException, epoch: int, step: int, checkpoint: Path | None = None) -> None:
@@ -214,8 +238,8 @@ class RunInfo:
 @dataclass
 class TrainingRun:
     """A model ready to train: ``model`` is the bare module (saved, evaluated), ``train_model``
-    its DDP/compiled wrapper (trained); training continues after ``start_epoch`` epochs and
-    ``step`` optimizer steps (0, 0 for a fresh run)."""
+    its DDP/compiled wrapper (trained); training continues at epoch ``start_epoch``, batch
+    ``start_batch`` of it, after ``step`` optimizer steps (0, 0, 0 for a fresh run)."""
 
     model: nn.Module
     train_model: nn.Module
@@ -225,6 +249,8 @@ class TrainingRun:
     start_epoch: int = 0
     step: int = 0
     resume_path: Path | None = None
+    start_batch: int = 0                                          # > 0: resumed within start_epoch
+    epoch_losses: list[float] = field(default_factory=list)      # the losses of those batches
 
 
 @dataclass
@@ -249,36 +275,55 @@ def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info:
     """
     callbacks = callbacks or Callbacks()
     last = info.output_dir / ckpt.LAST
-    batches = BatchStream(loader, run.start_epoch) if run.start_epoch < config.epochs else []
+    batches = BatchStream(loader, run.start_epoch, run.start_batch) if run.start_epoch < config.epochs else []
     epoch, step = run.start_epoch, run.step
     saved = run.resume_path is not None and run.resume_path == last   # what --resume auto would find
+
+    def save(epoch_done: int, result: EpochResult, rng: list) -> None:
+        weights = {"model": run.model.state_dict(), **(callbacks.extra_state() if callbacks.extra_state else {})}
+        broken = ckpt.first_non_finite(weights)   # on every rank: under DDP all ranks stop together
+        if broken is not None:
+            raise NonFiniteLossError(
+                f"{broken} is not finite after epoch {epoch}, step {step}; not saved — {last} "
+                f"still holds the last good state; lower --lr/--blr or use --clip-grad")
+        if distributed.is_main_process():
+            in_epoch = {"batch": result.stopped_after, "epoch_losses": result.losses} if result.stopped_after else {}
+            ckpt.atomic_save(ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch_done, step, info.args,
+                                                      info.model_name, rng, **in_epoch), last)
+
     try:
         for epoch in range(run.start_epoch, config.epochs):
-            stats, step = train_one_epoch(run.train_model, batches, run.optimizer, run.scaler, loss_fn, config,
-                                          epoch, step, run.device, logger, callbacks.on_step)
-            # Evaluation draws random numbers (data-loader seeds); put the streams back afterwards,
-            # so an uninterrupted run continues exactly where a resumed one does.
+            resumed_within = epoch == run.start_epoch and run.start_batch > 0
+            result = train_one_epoch(run.train_model, batches, run.optimizer, run.scaler, loss_fn, config, epoch,
+                                     step, run.device, logger, callbacks.on_step,
+                                     start_batch=run.start_batch if resumed_within else 0,
+                                     earlier_losses=run.epoch_losses if resumed_within else None)
+            step = result.step
+            # The epoch is saved before evaluation, so a failing evaluation or monitor never costs
+            # the training. Evaluation draws random numbers (data-loader seeds); the streams are
+            # put back afterwards, so an uninterrupted run continues exactly where a resumed one does.
             local_rng = ckpt.capture_rng_state()
             rng = distributed.all_gather_state(local_rng)
-            metrics = callbacks.end_of_epoch(epoch) if callbacks.end_of_epoch else {}
-            ckpt.restore_rng_state(local_rng)
-            weights = {"model": run.model.state_dict(), **(callbacks.extra_state() if callbacks.extra_state else {})}
-            broken = ckpt.first_non_finite(weights)   # on every rank: under DDP all ranks stop together
-            if broken is not None:
-                raise NonFiniteLossError(
-                    f"{broken} is not finite after epoch {epoch}, step {step}; not saved — {last} "
-                    f"still holds the last good state; lower --lr/--blr or use --clip-grad")
-            if distributed.is_main_process():
-                state = ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch, step, info.args,
-                                                 info.model_name, rng)
-                ckpt.atomic_save(state, last)
+            if result.stopped_after:      # preempted within the epoch: a mid-epoch checkpoint, then stop
+                save(epoch - 1, result, rng)
                 saved = True
-                if info.save_every and (epoch + 1) % info.save_every == 0:   # named by epochs completed
-                    ckpt.atomic_link(last, info.output_dir / f"checkpoint-{epoch + 1}.pth")
-                record = {"epoch": epoch, "epoch_loss": stats["loss"], **metrics}
+                distributed.barrier()
+                raise preemption.Preempted(epoch, step, str(last))
+            save(epoch, result, rng)
+            saved = True
+            if distributed.is_main_process() and info.save_every and (epoch + 1) % info.save_every == 0:
+                ckpt.atomic_link(last, info.output_dir / f"checkpoint-{epoch + 1}.pth")   # named by epochs done
+            # preempted at the epoch's last step: no monitors (the time left is short)
+            run_callbacks = callbacks.end_of_epoch is not None and not result.stop_requested
+            metrics = callbacks.end_of_epoch(epoch) if run_callbacks else {}
+            ckpt.restore_rng_state(local_rng)
+            if distributed.is_main_process():
+                record = {"epoch": epoch, "epoch_loss": result.loss, **metrics}
                 logger.log(record, step, prefix="epoch")
                 log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             distributed.barrier()
+            if result.stop_requested:
+                raise preemption.Preempted(epoch + 1, step, str(last))
     except BaseException as interrupt:
         mark_progress(interrupt, epoch, step, last if saved else None)
         raise

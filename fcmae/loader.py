@@ -29,10 +29,12 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.start_epoch = 0
+        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """The first epoch of the stream (set before the loader iterator is made)."""
-        self.start_epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The first epoch of the stream, and how many of its first batches to leave out (a run
+        resumed from a mid-epoch checkpoint); set before the loader iterator is made."""
+        self.start_epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -41,7 +43,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         for epoch in itertools.count(self.start_epoch):
             self.sampler.set_epoch(epoch)
             indices = list(self.sampler)
-            for batch in range(self.batches_per_epoch):
+            for batch in range(self.skip_batches if epoch == self.start_epoch else 0, self.batches_per_epoch):
                 yield [(epoch, index) for index in indices[batch * self.batch_size:(batch + 1) * self.batch_size]]
 
 
@@ -75,14 +77,15 @@ def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, devic
 
 
 class BatchStream:
-    """The training batches of a run from ``start_epoch`` on, out of one iterator of ``loader``:
-    ``len()`` is the batches of one epoch; each ``iter()`` continues where the last epoch
-    stopped, so workers have the next epoch's first batches ready at the boundary."""
+    """The training batches of a run from batch ``start_batch`` of ``start_epoch`` on, out of
+    one iterator of ``loader``: ``len()`` is the batches of one (whole) epoch; each ``iter()``
+    continues where the last epoch stopped, so workers have the next epoch's first batches
+    ready at the boundary."""
 
-    def __init__(self, loader: DataLoader, start_epoch: int) -> None:
+    def __init__(self, loader: DataLoader, start_epoch: int, start_batch: int = 0) -> None:
         for part in (loader.batch_sampler, loader.dataset):
             if hasattr(part, "set_epoch"):
-                part.set_epoch(start_epoch)
+                part.set_epoch(start_epoch, start_batch)
         self._batches_per_epoch = len(loader)
         self._iterator = iter(loader)
 

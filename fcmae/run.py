@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, preemption, slurm
 from .engine import Callbacks, LossFn, RunInfo, TrainingConfig, TrainingRun, fit, make_scaler
 from .logger import RunLogger
 from .models.layers import enable_grad_checkpointing
@@ -53,7 +55,8 @@ def scale_lr(args: argparse.Namespace, world_size: int) -> int:
 # (and the model, which the weights themselves must fit).
 RESUME_MUST_MATCH = ("data_path", "input_size", "mask_ratio", "batch_size", "accum_iter", "seed")
 RESUME_OPERATIONAL = ("model", "resume", "output_dir", "log_dir", "log_level", "num_workers", "device", "threads",
-                      "dist_backend", "overwrite", "allow_changed_settings", "save_every", "vis_every", "eval")
+                      "dist_backend", "overwrite", "allow_changed_settings", "save_every", "vis_every", "eval",
+                      "preempt_signal", "requeue")
 
 
 def check_resume_settings(saved: dict, args: argparse.Namespace) -> None:
@@ -87,10 +90,13 @@ def start_training(args: argparse.Namespace, model: nn.Module, param_groups: lis
     run = TrainingRun(model, model, optimizer, make_scaler(args.amp, device), device)
     run.resume_path = ckpt.find_resume(args.resume, Path(args.output_dir))
     if run.resume_path is not None:
-        run.start_epoch, run.step = ckpt.resume_training(run.resume_path, model, optimizer, run.scaler, args.model,
-                                                         distributed.rank(), distributed.world_size(), extra_state,
-                                                         lambda saved: check_resume_settings(saved, args))
-        log.info(f"resumed from {run.resume_path}: epoch {run.start_epoch}, step {run.step}")
+        point = ckpt.resume_training(run.resume_path, model, optimizer, run.scaler, args.model, distributed.rank(),
+                                     distributed.world_size(), extra_state,
+                                     lambda saved: check_resume_settings(saved, args))
+        run.start_epoch, run.step, run.start_batch, run.epoch_losses = (point.epoch, point.step, point.batch,
+                                                                        point.epoch_losses)
+        within = f", batch {run.start_batch} of it (a mid-epoch checkpoint)" if run.start_batch else ""
+        log.info(f"resumed from {run.resume_path}: epoch {run.start_epoch}{within}, step {run.step}")
         if run.start_epoch >= args.epochs:
             log.info(f"{run.resume_path} already holds all {args.epochs} epochs; raise --epochs to train longer")
             return run
@@ -113,8 +119,35 @@ def train(run: TrainingRun, args: argparse.Namespace, loader, loss_fn: LossFn,
                        resume_step=run.step)   # a fresh start (step 0) keeps no record of an earlier one
     config = TrainingConfig(lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
                             accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=args.amp)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts:
+        log.info(f"Slurm job {os.environ.get('SLURM_JOB_ID')} restarted {restarts} time(s) (requeued)")
     try:
-        return fit(run, loader, loss_fn, config, RunInfo(args.model, args, output_dir, args.save_every), logger,
-                   make_callbacks(logger) if make_callbacks else None)
+        with preemption.handling(args.preempt_signal):
+            return fit(run, loader, loss_fn, config, RunInfo(args.model, args, output_dir, args.save_every), logger,
+                       make_callbacks(logger) if make_callbacks else None)
+    except preemption.Preempted as stop:
+        if args.requeue:
+            stop.requeued = requeue(run.device)
+        raise
     finally:
         logger.close()
+
+
+def requeue(device: torch.device) -> str | None:
+    """``--requeue`` after a preemption stop: rank 0 requeues the Slurm job; every rank learns
+    whether it worked (one collective), so all exit alike. Returns the job id, or None."""
+    requeued, failure = 0.0, None
+    if distributed.is_main_process():
+        try:
+            slurm.requeue_job()
+            requeued = 1.0
+        except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+            failure = error
+    if failure is not None:
+        log.error(f"not requeued: {failure}; resubmit the job (it continues with --resume auto)")
+    if distributed.all_reduce_sums([requeued], device)[0] == 0:
+        return None
+    log.info(f"requeued Slurm job {os.environ.get('SLURM_JOB_ID')}: it starts again and continues with "
+             f"--resume auto")
+    return os.environ.get("SLURM_JOB_ID")

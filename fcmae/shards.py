@@ -200,7 +200,7 @@ class ShardImages(IterableDataset):
         self.train = train
         self.shuffle_buffer = shuffle_buffer
         self.classes = shard_set.classes
-        self.start_epoch = 0
+        self.start_epoch = self.skip_batches = 0
         self.batches_per_epoch = self.samples_per_rank() // batch_size
         self._skipped = torch.multiprocessing.Value("i", 0)   # shared with forked loader workers
 
@@ -208,9 +208,12 @@ class ShardImages(IterableDataset):
     def num_skipped(self) -> int:
         return self._skipped.value
 
-    def set_epoch(self, epoch: int) -> None:
-        """The first epoch of the training stream (set before the loader iterator is made)."""
-        self.start_epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The first epoch of the training stream, and how many of the loader's first batches of
+        it to leave out (a run resumed from a mid-epoch checkpoint: each worker reads and drops
+        its share, so the batches after them are those of an uninterrupted run); set before the
+        loader iterator is made."""
+        self.start_epoch, self.skip_batches = epoch, skip_batches
 
     def samples_per_rank(self) -> int:
         return self.shards.total // distributed.world_size()
@@ -243,16 +246,23 @@ class ShardImages(IterableDataset):
                     yield item
             return
         quota = self.batches_per_epoch // workers * self.batch_size   # equal per worker: see plan_epochs
+        # The loader takes whole batches from its workers in turn, starting with worker 0: in an
+        # uninterrupted run worker w makes batches w, w + W, … of every epoch. A loader resumed
+        # after S batches starts with worker 0 again, so worker w plays the part of worker
+        # (w + S) mod W (in every epoch: an epoch is a multiple of W batches) and first drops
+        # the batches that part made before the checkpoint.
+        role = (worker + self.skip_batches) % workers
         for epoch in itertools.count(self.start_epoch):
             order = list(range(len(self.shards.urls)))
             random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            mine = [self.shards.urls[i] for i in order[rank::world][worker::workers]]
+            mine = [self.shards.urls[i] for i in order[rank::world][role::workers]]
             if not mine:
                 raise DataError(f"loader worker {worker} of rank {rank} has no shard; write more shards")
-            rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
+            rng = random.Random(f"{self.seed}-{epoch}-{rank}-{role}")
             produced = skipped_in_a_row = 0
+            skip = len(range(role, self.skip_batches, workers)) * self.batch_size if epoch == self.start_epoch else 0
             for attempt, sample in enumerate(self._shuffled_passes(mine, rng)):
-                item = self._decode(sample, (epoch, rank, worker, attempt))
+                item = self._decode(sample, (epoch, rank, role, attempt))
                 if item is None:
                     skipped_in_a_row += 1
                     if skipped_in_a_row >= self.max_consecutive_skips:
@@ -260,8 +270,9 @@ class ShardImages(IterableDataset):
                                         f"(see the warnings above); check the shards and their labels")
                     continue
                 skipped_in_a_row = 0
-                yield item
                 produced += 1
+                if produced > skip:
+                    yield item
                 if produced == quota:
                     break
 

@@ -12,14 +12,21 @@ from typing import NoReturn
 
 import torch
 
+from ..distributed import describe_launch
 from ..engine import AMP_DTYPES
 from ..models import list_models
 from ..models.registry import add_family_arguments
+from ..preemption import SIGNALS, Preempted
 
 
 class Terminated(BaseException):
     """SIGTERM, raised where the process is (like KeyboardInterrupt for SIGINT), so that writes
     in progress are abandoned atomically and the run ends with a message."""
+
+
+# A run stopped on its preemption signal and not requeued: 128 + SIGUSR1, as if the signal had
+# ended it, though it saved a checkpoint first (a requeued run exits 0: its job goes on).
+PREEMPTED_EXIT = 138
 
 
 def _raise_terminated(signum, frame) -> NoReturn:
@@ -28,12 +35,18 @@ def _raise_terminated(signum, frame) -> NoReturn:
 
 def run_or_exit(prog: str, job: Callable[[], object], user_errors: tuple[type[BaseException], ...]) -> object:
     """Run ``job``; a user error becomes one line on stderr and exit code 2; SIGINT and SIGTERM
-    end it with one line saying where it stopped, exit code 130 and 143."""
+    end it with one line saying where it stopped, exit code 130 and 143; a stop on the
+    preemption signal (checkpoint saved) says so, exit code 0 if the job was requeued, else
+    :data:`PREEMPTED_EXIT`."""
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return job()
     except user_errors as error:
         _fail(prog, error)
+    except Preempted as stop:
+        requeued = f"; requeued Slurm job {stop.requeued}" if stop.requeued else ""
+        print(f"{prog}: {stop}{requeued}; --resume auto continues from it", file=sys.stderr)
+        raise SystemExit(0 if stop.requeued else PREEMPTED_EXIT) from None
     except (KeyboardInterrupt, Terminated) as interrupt:
         print(f"{prog}: interrupted{interrupted_where(interrupt)}", file=sys.stderr)
         raise SystemExit(143 if isinstance(interrupt, Terminated) else 130) from None
@@ -164,7 +177,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads of this process (default: PyTorch's, one per core; give each of several "
              "processes sharing a machine its share)")
     add("--dist-backend", "--dist_backend", choices=["nccl", "gloo"], default=None,
-        help="torch.distributed backend under torchrun (default: nccl on GPU, gloo on CPU)")
+        help="torch.distributed backend under torchrun or srun (default: nccl on GPU, gloo on CPU)")
+    add("--preempt-signal", choices=SIGNALS, default="USR1",
+        help="on this signal (Slurm: #SBATCH --signal=USR1@120) stop after the optimizer step in progress, "
+             "with a checkpoint --resume auto continues exactly, even mid-epoch; 'none': the signal's default")
+    add("--requeue", action="store_true",
+        help="after stopping on --preempt-signal, requeue this Slurm job (scontrol requeue; submit with "
+             "sbatch --requeue) so it starts again and continues with --resume auto")
     add_family_arguments(parser)
     add_log_level_argument(parser)
 
@@ -191,8 +210,8 @@ class _StderrHandler(logging.StreamHandler):
 
 def configure_logging(level: str = "info") -> None:
     """Messages of the ``fcmae`` loggers go to stderr as plain lines at ``level``; processes
-    other than rank 0 (torchrun's ``RANK``) show warnings and errors only."""
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    other than rank 0 (torchrun's ``RANK``, srun's ``SLURM_PROCID``) show warnings and errors only."""
+    main_process = describe_launch().rank == 0
     package_logger = logging.getLogger("fcmae")
     for handler in list(package_logger.handlers):
         package_logger.removeHandler(handler)
