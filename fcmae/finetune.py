@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import types
 from pathlib import Path
 
 import torch
@@ -120,18 +121,21 @@ def read_pretrained(path: str, model_name: str) -> dict[str, torch.Tensor]:
 def freeze_encoder(model: nn.Module) -> None:
     """Linear probing: only the head (``head_prefixes``) trains; the encoder's parameters are
     frozen and its modules stay in eval mode whatever ``model.train()`` says, so its features
-    are deterministic (no drop path; normalisation layers in inference mode)."""
+    are deterministic (no drop path; normalisation layers in inference mode). The override is a
+    method bound to ``model``, so a deep copy (timm's EMA) is bound to the copy, never to the
+    original."""
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(model.head_prefixes)
-    encoder = [module for name, module in model.named_children() if not f"{name}.".startswith(model.head_prefixes)]
-    train_all = model.train
+    model.train = types.MethodType(_train_head_only, model)
 
-    def train(mode: bool = True) -> nn.Module:
-        train_all(mode)
-        for module in encoder:
+
+def _train_head_only(model: nn.Module, mode: bool = True) -> nn.Module:
+    """``model.train(mode)`` of a linear probe: the head follows ``mode``, the encoder stays in eval."""
+    type(model).train(model, mode)
+    for name, module in model.named_children():
+        if not f"{name}.".startswith(model.head_prefixes):
             module.eval()
-        return model
-    model.train = train
+    return model
 
 
 def make_loss(args: argparse.Namespace, num_classes: int):

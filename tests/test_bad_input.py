@@ -95,7 +95,8 @@ def strict_json_lines(path):
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
-def test_blow_up_on_the_last_step_of_an_epoch_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_blow_up_on_the_last_step_of_an_epoch_keeps_the_last_good_checkpoint(bad, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert run("pretrain", ["--epochs", "2"], tmp_path) == 0   # capped: 1 step per epoch
     good = (out / "checkpoint-last.pth").read_bytes()
@@ -107,7 +108,7 @@ def test_blow_up_on_the_last_step_of_an_epoch_keeps_the_last_good_checkpoint(tmp
 
     def blow_up(optimizer, *args, **kwargs):
         result = real_step(optimizer, *args, **kwargs)
-        optimizer.param_groups[0]["params"][0].data.fill_(float("nan"))
+        optimizer.param_groups[0]["params"][0].data.view(-1)[0] = float(bad)
         return result
     monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
     code = run("pretrain", ["--epochs", "3", "--resume", "auto"], tmp_path)

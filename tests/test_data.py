@@ -1,5 +1,6 @@
 """The one data layer of pretraining and fine-tuning: every image mode decodes to the right
 RGB, unreadable files are skipped and counted, folder cycles are not followed."""
+import itertools
 import os
 import warnings
 
@@ -108,3 +109,19 @@ def test_labeled_images_follow_class_folders(tmp_path):
     assert dataset.classes == ["a_class", "b_class"]
     assert sorted(dataset.labels) == [0, 0, 1]
     assert dataset[0][1] == 0 and dataset[2][1] == 1
+
+
+def test_the_batch_stream_starts_at_its_epoch_and_batch():
+    """A resumed run's first batch: the epoch's own shuffle, from the batch it stopped at."""
+    from torch.utils.data import DistributedSampler
+
+    from fcmae.loader import EpochBatchSampler
+    dataset = list(range(40))
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=5, drop_last=True)
+    batches = EpochBatchSampler(sampler, batch_size=4, batches_per_epoch=10)
+    batches.set_epoch(3, skip_batches=2)
+    stream = iter(batches)
+    first = next(stream)
+    sampler.set_epoch(3)
+    assert first == [(3, index) for index in list(sampler)[8:12]]
+    assert len(list(itertools.islice(stream, 7))) == 7 and next(stream)[0][0] == 4   # then epoch 4 from its start

@@ -87,6 +87,52 @@ def test_frozen_encoder_stays_in_eval_mode_and_is_deterministic():
         "norm.weight", "norm.bias", "head.weight", "head.bias"}
 
 
+def test_a_linear_probe_ema_copy_switches_its_own_modes():
+    """timm's EMA deep-copies the probe: the copy's eval() and train() act on the copy (a
+    closure would have switched the original instead), and the copy's encoder stays in eval."""
+    from timm.utils import ModelEmaV3
+
+    from fcmae.finetune import freeze_encoder
+    model = fcmae.create_model("convnextv2_atto", num_classes=3, drop_path_rate=0.5)
+    freeze_encoder(model)
+    ema = ModelEmaV3(model)
+    model.train()
+    ema.module.eval()
+    assert model.head.training and not model.stages.training
+    assert not any(module.training for module in ema.module.modules())
+    ema.module.train()
+    assert ema.module.head.training and not ema.module.stages.training
+    model.eval()
+    assert ema.module.head.training
+
+
+def test_weights_with_a_head_load_it_where_it_fits():
+    """A head of the same class count loads; another class count starts fresh, the body loads."""
+    from fcmae.checkpoint import load_body
+    source = randomize_(fcmae.create_model("convnextv2_atto", num_classes=3)).state_dict()
+    same = fcmae.create_model("convnextv2_atto", num_classes=3)
+    load_body(same, source, "convnextv2_atto", "source.pth")
+    assert torch.equal(same.head.weight, source["head.weight"]) and torch.equal(same.norm.weight, source["norm.weight"])
+    other = fcmae.create_model("convnextv2_atto", num_classes=5)
+    fresh_head = other.head.weight.clone()
+    load_body(other, source, "convnextv2_atto", "source.pth")
+    assert torch.equal(other.head.weight, fresh_head)
+    assert torch.equal(other.stages[0][0].dwconv.weight, source["stages.0.0.dwconv.weight"])
+
+
+def test_norms_and_biases_get_no_weight_decay():
+    from fcmae.optim import param_groups
+    model = fcmae.create_model("convnextv2_atto", num_classes=3)
+    decayed, exempt = param_groups(model, 0.05)
+    assert decayed["weight_decay"] == 0.05 and exempt["weight_decay"] == 0.0
+    decayed_ids = {id(param) for param in decayed["params"]}
+    names = dict(model.named_parameters())
+    assert all(id(param) not in decayed_ids for name, param in names.items() if param.ndim <= 1), \
+        [name for name, param in names.items() if param.ndim <= 1 and id(param) in decayed_ids]
+    assert {"downsample_layers.0.0.weight", "head.weight", "stages.0.0.pwconv1.weight"} <= {
+        name for name, param in names.items() if id(param) in decayed_ids}
+
+
 def test_fcmae_checkpoint_converts_on_the_fly(pretrained):
     from fcmae.finetune import load_pretrained
     fcmae_path, _, dense = pretrained

@@ -267,3 +267,29 @@ def test_a_link_planted_at_a_partial_shard_is_never_followed(labeled_folder, tmp
     assert target.read_text() == "precious" and planted.is_symlink()            # neither followed nor removed
     shard = tmp_path / "out" / "shard-000000.tar"
     assert shard.is_file() and not shard.is_symlink()
+
+
+def keys_seen(stream, ranks, monkeypatch, epoch=0):
+    """The image bytes each of ``ranks`` simulated ranks reads in ``epoch`` (one process, no workers)."""
+    from fcmae import distributed
+    seen = []
+    for rank in range(ranks):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(distributed, "world_size", lambda: ranks)
+        stream.set_epoch(epoch)
+        items = itertools.islice(iter(stream), len(stream)) if stream.train else iter(stream)
+        seen.append([item[0].numpy().tobytes() for item in items])
+    return seen
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_ranks_share_out_the_shards_without_overlap(train, packed, monkeypatch):
+    """Evaluation: every sample exactly once over the ranks; training: an epoch's shards are
+    split between the ranks (one shard order for all ranks, not one per rank)."""
+    stream = ShardImages(open_shard_set(spec_of(packed)), to_array, labeled=True, batch_size=3, train=train,
+                         shuffle_buffer=1)
+    monkeypatch.setattr("fcmae.distributed.world_size", lambda: 2)
+    stream.plan_epochs(stream.samples_per_rank() // 3)
+    first, second = keys_seen(stream, 2, monkeypatch)
+    assert not set(first) & set(second)
+    assert len(first) + len(second) == 24
