@@ -6,6 +6,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .masking import check_mask_ratio, num_visible, patch_grid, random_masks
+from .models import create_encoder
 from .models.convnextv2 import Block
 from .models.layers import trunc_normal_init
 
@@ -66,11 +67,10 @@ class FCMAE(nn.Module):
         per_patch = (pred.float() - target).pow(2).mean(dim=-1)          # (B, L)
         return (per_patch * mask).sum() / mask.sum().clamp(min=1)
 
-    def forward(self, imgs: Tensor, mask_ratio: float | None = None,
-                mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, imgs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """imgs (B, 3, H, W) → (loss, pred (B, L, p·p·3), mask (B, L); 1 = removed).
 
-        A random mask is drawn with ``mask_ratio`` (default: the model's) unless ``mask`` is given.
+        A random mask is drawn with the model's ``mask_ratio`` unless ``mask`` is given.
         A drawn mask keeps a number of patches known without reading it, which the encoder
         uses to build its sites with static shapes (one graph under ``torch.compile``); a
         given mask is read once to count them.
@@ -78,9 +78,18 @@ class FCMAE(nn.Module):
         grid = patch_grid(imgs.shape[-2:], self.patch_size)
         visible = None
         if mask is None:
-            ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-            mask = random_masks(imgs.shape[0], grid[0] * grid[1], ratio, device=imgs.device)
-            visible = num_visible(grid[0] * grid[1], ratio)
+            mask = random_masks(imgs.shape[0], grid[0] * grid[1], self.mask_ratio, device=imgs.device)
+            visible = num_visible(grid[0] * grid[1], self.mask_ratio)
         latent = self.encoder(imgs, mask, num_visible=visible)
         pred = self.forward_decoder(latent, mask)
         return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def create_fcmae(name: str, mask_ratio: float = 0.6, decoder_dim: int = 512,
+                 decoder_depth: int = 1, norm_pix_loss: bool = True, backend: str = "torch",
+                 **kwargs) -> FCMAE:
+    """FCMAE with the sparse encoder of ``name``; kwargs go to the encoder constructor."""
+    encoder = create_encoder(name, backend=backend, **kwargs)
+    return FCMAE(encoder, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+                 mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
+                 in_chans=kwargs.get("in_chans", 3))

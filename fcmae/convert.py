@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, atomic_folder, atomic_save, save_safetensors
-from .models import get_model_entry
+from .masking import random_masks
+from .models import create_encoder, create_model, get_model_entry, list_models
 
 ENCODER_PREFIX = "encoder."
 FORMATS = ("official", "timm")
@@ -42,7 +43,6 @@ def in_timm_layout(state: dict[str, Tensor], model_name: str) -> bool:
     """True when ``state`` holds timm's keys for ``model_name`` rather than the official ones."""
     if get_model_entry(model_name).family.timm_filter_fn is None:
         return False
-    from . import create_model
     official = meta_model(lambda: create_model(model_name)).state_dict().keys()
     timm_keys = meta_model(lambda: timm_model(model_name)).state_dict().keys()
     return bool(state) and not state.keys() <= official and state.keys() <= timm_keys
@@ -54,7 +54,6 @@ def encoder_to_dense(encoder: dict[str, Tensor], model_name: str, fmt: str = "of
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     family = get_model_entry(model_name).family
-    from . import create_model
     dense = family.checkpoint_filter_fn(encoder, meta_model(lambda: create_model(model_name)))
     return dense_to_timm(dense, model_name) if fmt == "timm" else dense
 
@@ -67,7 +66,6 @@ def dense_to_timm(dense: dict[str, Tensor], model_name: str) -> dict[str, Tensor
 
 def infer_model_name(encoder: dict[str, Tensor]) -> str:
     """The registered model whose sparse encoder has exactly these keys and shapes."""
-    from . import create_encoder, list_models
     found = {key: tuple(value.shape) for key, value in encoder.items()}
     for name in list_models():
         with torch.device("meta"):
@@ -95,7 +93,6 @@ def convert_state(state: dict[str, Tensor], model_name: str | None = None,
 def build_dense(model_name: str, fmt: str, dense_state: dict[str, Tensor]) -> nn.Module:
     """A dense model of ``fmt`` (ours = official layout, or timm's) with ``dense_state`` loaded;
     only its head (final norm, classifier) may be missing."""
-    from . import create_model
     if fmt == "timm":
         model = timm_model(model_name)
         head_prefixes: tuple[str, ...] = ("head.",)
@@ -120,8 +117,6 @@ def verify(sparse_state: dict[str, Tensor], dense_state: dict[str, Tensor], mode
     Checked twice: without a mask (sparse encoder == dense ``forward_features``) and, for
     the official layout, with a random mask against the masked-dense forward at visible sites.
     """
-    from . import create_encoder
-    from .masking import random_masks
     generator = torch.Generator().manual_seed(seed)
     encoder = create_encoder(model_name).eval()
     encoder.load_state_dict(encoder_state(sparse_state))

@@ -20,10 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from . import checkpoint as ckpt
-from . import create_model, distributed
+from . import distributed
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_readable, eval_transform, labeled_images
 from .engine import AMP_DTYPES, Callbacks, move_to, prepare_output, setup_run
 from .loader import make_train_loader
+from .models import create_model
 from .optim import layer_decay_param_groups, param_groups
 from .run import model_kwargs, resolve_warmup, scale_lr, start_training, train
 from .shards import SHARD_INDEX, ShardImages, is_shard_spec, open_shard_set

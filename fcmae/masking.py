@@ -10,7 +10,8 @@ from sparse_ops import ActiveSites
 
 
 def check_mask_ratio(mask_ratio: float) -> float:
-    """Return ``mask_ratio`` if it lies in [0, 1), else raise a ``ValueError``."""
+    """Return ``mask_ratio`` if it lies in [0, 1), else raise a ``ValueError`` (the FCMAE
+    constructor's check; the command line checks its flag itself)."""
     if not 0.0 <= float(mask_ratio) < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
     return float(mask_ratio)
@@ -30,7 +31,7 @@ def check_pretraining_masks(image_size: int, patch_size: int, mask_ratio: float)
     lose none (nothing to encode, or nothing to reconstruct); the message says what works."""
     grid = patch_grid((image_size, image_size), patch_size)
     num_patches = grid[0] * grid[1]
-    num_keep = int(num_patches * (1 - check_mask_ratio(mask_ratio)))
+    num_keep = num_visible(num_patches, mask_ratio)
     if 1 <= num_keep < num_patches:
         return
     if num_patches < 2:
@@ -42,8 +43,10 @@ def check_pretraining_masks(image_size: int, patch_size: int, mask_ratio: float)
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Patches every image keeps under ``mask_ratio``: ``int(L * (1 - mask_ratio))`` (official)."""
-    return int(num_patches * (1 - check_mask_ratio(mask_ratio)))
+    """Patches every image keeps under ``mask_ratio``: ``int(L * (1 - mask_ratio))`` (official).
+    The ratio is checked where it enters (the command line, :func:`check_pretraining_masks`,
+    the FCMAE constructor), not here."""
+    return int(num_patches * (1 - mask_ratio))
 
 
 def random_masks(batch_size: int, num_patches: int, mask_ratio: float,

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import create_fcmae, distributed
+from . import distributed
+from .autoencoder import create_fcmae
 from .data import build_pretrain_dataset, check_readable
 from .engine import Callbacks, check_device, prepare_output, setup_run
 from .loader import make_train_loader

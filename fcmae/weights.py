@@ -16,8 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .convert import ENCODER_PREFIX, encoder_state, encoder_to_dense, in_timm_layout, meta_model, timm_model
-from .models import get_model_entry, list_models
+from .autoencoder import create_fcmae
+from .convert import (
+    ENCODER_PREFIX,
+    convert_state,
+    encoder_state,
+    encoder_to_dense,
+    in_timm_layout,
+    infer_model_name,
+    meta_model,
+    timm_model,
+)
+from .models import create_model, get_model_entry, list_models
 
 RANDOM_PREFIX = "random:"
 
@@ -28,7 +38,6 @@ def _shapes(state: dict[str, Tensor], skip: tuple[str, ...] = ()) -> dict[str, t
 
 def infer_dense_model_name(state: dict[str, Tensor]) -> str:
     """The registered model whose dense network (head aside) has exactly these tensors."""
-    from . import create_model
     for name in list_models():
         model = meta_model(lambda name=name: create_model(name))
         if _shapes(model.state_dict(), model.head_prefixes) == _shapes(state, model.head_prefixes):
@@ -40,7 +49,6 @@ def infer_dense_model_name(state: dict[str, Tensor]) -> str:
 def timm_to_dense(state: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
     """timm-layout weights of ``model_name`` → the official dense layout (the inverse of the
     family's ``timm_filter_fn``, found by applying it to the dense model's own keys)."""
-    from . import create_model
     dense = meta_model(lambda: create_model(model_name)).state_dict()
     mapped = get_model_entry(model_name).family.timm_filter_fn(dense, meta_model(lambda: timm_model(model_name)))
     official_key = dict(zip(mapped, dense))                        # timm key → official key, same order
@@ -102,12 +110,10 @@ def load_dense_state(source: str | os.PathLike,
     named_by = "--model" if model_name else f"the file's model_name entry ({path})"
     model_name = model_name or saved_model_name(checkpoint, path)
     if any(key.startswith(ENCODER_PREFIX) for key in state):
-        from .convert import convert_state
         dense, name = convert_state(state, model_name, named_by=named_by)
         return dense, name, input_size
     if model_name is None:
         try:
-            from .convert import infer_model_name
             model_name = infer_model_name(encoder_state(state))      # a bare sparse encoder
             return encoder_to_dense(state, model_name), model_name, input_size
         except ckpt.CheckpointError:
@@ -130,7 +136,6 @@ def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed:
     ``model.forward_features(images)`` → (B, C, H/32, W/32); see :func:`extract_features`.
     ``model.pretrained_cfg["input_size"]`` is (3, S, S) with the side S the weights were
     trained at (timm's convention), or None where the file does not say."""
-    from . import create_model
     if str(source).startswith(RANDOM_PREFIX):
         model_name = str(source)[len(RANDOM_PREFIX):]
         with torch.random.fork_rng(devices=[]):
@@ -183,8 +188,6 @@ def load_fcmae(source: str | os.PathLike, model_name: str | None = None) -> tupl
     name, the settings the file records, each checked and None where it has no usable one:
     ``input_size``, ``mask_ratio``). Everything read from the file is checked like user input
     before a model is built from it."""
-    from . import create_fcmae
-    from .convert import infer_model_name
     checkpoint = ckpt.load_checkpoint(source)
     state = ckpt.state_dict_of(checkpoint)
     if not any(key.startswith(ENCODER_PREFIX) for key in state) or "proj.weight" not in state:

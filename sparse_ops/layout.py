@@ -26,22 +26,10 @@ def depthwise_kernel_to_weight(kernel: Tensor) -> Tensor:
     return kernel.t().reshape(kernel.shape[1], 1, side, side).transpose(2, 3)
 
 
-def depthwise_weight_to_kernel(weight: Tensor) -> Tensor:
-    """(C, 1, k, k) ``Conv2d(groups=C)`` weight → (k·k, C) sparse depthwise kernel."""
-    channels, _, side, _ = weight.shape
-    return weight.transpose(2, 3).reshape(channels, side * side).t()
-
-
 def conv_kernel_to_weight(kernel: Tensor) -> Tensor:
     """(k·k, C_in, C_out) sparse kernel → (C_out, C_in, k, k) ``Conv2d`` weight."""
     side = kernel_side(kernel.shape[0])
     return kernel.permute(2, 1, 0).reshape(kernel.shape[2], kernel.shape[1], side, side).transpose(2, 3)
-
-
-def conv_weight_to_kernel(weight: Tensor) -> Tensor:
-    """(C_out, C_in, k, k) ``Conv2d`` weight → (k·k, C_in, C_out) sparse kernel."""
-    out_channels, in_channels, side, _ = weight.shape
-    return weight.transpose(2, 3).reshape(out_channels, in_channels, side * side).permute(2, 1, 0)
 
 
 def sparse_to_dense_state_dict(sparse: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -4,7 +4,7 @@ import torch
 
 import fcmae
 from fcmae.masking import random_masks
-from fcmae.profiling import saved_activation_bytes
+from tools.profiling import saved_activation_bytes
 
 from .helpers import randomize_
 

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 import fcmae
-from fcmae import profiling
 from fcmae.convert import convert_state, verify
 from fcmae.masking import random_masks
 from fcmae.models.revcol import REVCOL_SIZES, RevCol
+from tools import profiling
 
 from .helpers import assert_no_leakage, assert_param_count, randomize_
 

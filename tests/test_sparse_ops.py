@@ -5,12 +5,7 @@ import torch.nn.functional as F
 import sparse_ops
 import sparse_ops.nn as snn
 from sparse_ops import SparseImage
-from sparse_ops.layout import (
-    conv_kernel_to_weight,
-    conv_weight_to_kernel,
-    depthwise_kernel_to_weight,
-    depthwise_weight_to_kernel,
-)
+from sparse_ops.layout import conv_kernel_to_weight, depthwise_kernel_to_weight
 
 from .helpers import assert_close
 
@@ -102,14 +97,18 @@ def test_depthwise_kernel_orientation_is_minkowski_order():
     assert torch.equal(out, expected)
 
 
-def test_layout_round_trips():
-    weight = torch.randn(6, 1, 5, 5)
-    assert torch.equal(depthwise_kernel_to_weight(depthwise_weight_to_kernel(weight)), weight)
-    conv_weight = torch.randn(4, 3, 2, 2)
-    assert torch.equal(conv_kernel_to_weight(conv_weight_to_kernel(conv_weight)), conv_weight)
-    kernel = torch.randn(4, 3, 7)
-    # row r = dx * k + dy ↔ weight[o, i, dy, dx]
-    assert torch.equal(conv_kernel_to_weight(kernel)[5, 2, 1, 0], kernel[0 * 2 + 1, 2, 5])
+def test_kernel_layouts_map_every_tap_to_its_weight():
+    """Row r = dx * k + dy of a sparse kernel is weight[..., dy, dx] of the torch.nn layer."""
+    depthwise = torch.randn(25, 6)                                   # (k·k, C), k = 5
+    weight = depthwise_kernel_to_weight(depthwise)                   # (C, 1, k, k)
+    conv = torch.randn(4, 3, 7)                                      # (k·k, C_in, C_out), k = 2
+    conv_weight = conv_kernel_to_weight(conv)                        # (C_out, C_in, k, k)
+    for dx in range(5):
+        for dy in range(5):
+            assert torch.equal(weight[:, 0, dy, dx], depthwise[dx * 5 + dy])
+    for dx in range(2):
+        for dy in range(2):
+            assert torch.equal(conv_weight[:, :, dy, dx], conv[dx * 2 + dy].t())
 
 
 def test_strided_conv_equals_dense_conv_and_activates_parents():

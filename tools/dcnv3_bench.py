@@ -20,12 +20,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from profiling import saved_activation_bytes
 from torch.utils.checkpoint import checkpoint
 
 from fcmae.models.dcnv3 import DEFAULT_DCNV3_IMPL, available_impls, dcnv3_sample
 from fcmae.models.internimage import INTERNIMAGE_SIZES
 from fcmae.models.layers import stage_strides
-from fcmae.profiling import saved_activation_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

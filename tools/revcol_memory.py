@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from profiling import saved_activation_bytes
 
 from fcmae.masking import random_masks
 from fcmae.models.revcol import REVCOL_SIZES, RevCol
-from fcmae.profiling import saved_activation_bytes
 
 
 def main() -> None:

@@ -6,11 +6,13 @@ from .registry import (
     FamilyOption,
     FCMAEEncoder,
     ModelEntry,
+    create_encoder,
+    create_model,
     get_model_entry,
     list_families,
     list_models,
     register_family,
 )
 
-__all__ = ["DenseModel", "EncoderFamily", "FamilyOption", "FCMAEEncoder", "ModelEntry", "get_model_entry",
-           "list_families", "list_models", "register_family"]
+__all__ = ["DenseModel", "EncoderFamily", "FamilyOption", "FCMAEEncoder", "ModelEntry", "create_encoder",
+           "create_model", "get_model_entry", "list_families", "list_models", "register_family"]

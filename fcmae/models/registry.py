@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+import sparse_ops
+
 StateDict = dict[str, Tensor]
 
 
@@ -190,6 +192,17 @@ def get_model_entry(name: str) -> ModelEntry:
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return _MODELS[name]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Dense classifier ``name`` (e.g. ``"convnextv2_atto"``); kwargs go to its constructor."""
+    return get_model_entry(name).build_dense(**kwargs)
+
+
+def create_encoder(name: str, backend: str = "torch", **kwargs: Any) -> nn.Module:
+    """The sparse FCMAE encoder of model ``name`` on ``backend``."""
+    sparse_ops.get_backend(backend)
+    return get_model_entry(name).build_encoder(backend=backend, **kwargs)
 
 
 def masked_dense_encoder(model_class: Callable[..., nn.Module], backend: str = "torch",

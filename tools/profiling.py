@@ -1,4 +1,5 @@
-"""Memory accounting helpers for benchmarks and tests."""
+"""Memory accounting for the benchmarks here and the tests (imported as ``profiling`` by the
+scripts in this folder, as ``tools.profiling`` by the tests)."""
 from __future__ import annotations
 
 from collections.abc import Callable
