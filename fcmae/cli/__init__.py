@@ -12,8 +12,11 @@ from typing import NoReturn
 
 import torch
 
+from .. import distributed
+from ..checkpoint import CheckpointError
+from ..data import DataError
 from ..distributed import describe_launch
-from ..engine import AMP_DTYPES
+from ..engine import AMP_DTYPES, NonFiniteLossError
 from ..models import list_models
 from ..models.registry import add_family_arguments
 from ..preemption import SIGNALS, Preempted
@@ -185,7 +188,33 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="after stopping on --preempt-signal, requeue this Slurm job (scontrol requeue; submit with "
              "sbatch --requeue) so it starts again and continues with --resume auto")
     add_family_arguments(parser)
+
+
+USER_ERRORS = (CheckpointError, DataError, NonFiniteLossError, ValueError, OSError)
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A command's parser: ``--help`` shows every default (:class:`HelpFormatter`); ``--log-level`` included."""
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, description=description)
     add_log_level_argument(parser)
+    return parser
+
+
+def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], object],
+             argv: list[str] | None = None) -> int:
+    """The frame of every command: parse ``argv``, set up logging, ``run(args)`` with
+    :func:`run_or_exit` (a user error is one line), leave the process group. A non-zero int
+    from ``run`` exits with that code; otherwise returns 0 (a console script exits 0)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        result = run_or_exit(parser.prog, lambda: run(args), USER_ERRORS)
+    finally:
+        distributed.cleanup()
+    if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+        raise SystemExit(result)
+    return 0
 
 
 def add_log_level_argument(parser: argparse.ArgumentParser) -> None:

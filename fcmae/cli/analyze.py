@@ -1,22 +1,24 @@
-"""``fcmae-analyze``: the ConvNeXt V2 paper's feature-collapse analysis for any weights."""
+"""Per block, the average pairwise cosine distance between the channels of its activations (ConvNeXt V2
+paper, Sec. 3: low values = feature collapse), for one or more sets of weights overlaid in one plot.
+Writes OUTPUT (PNG) and OUTPUT with .json (every number)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..analysis import WHERE, analysis_points, collapse_profile, feature_maps
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import atomic_write
 from ..data import (
     DEMO_HELDOUT_PHOTOS,
     DEMO_TRAIN_PHOTOS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    DataError,
     demo_photo_paths,
     find_images,
     load_center_crops,
@@ -24,17 +26,13 @@ from ..data import (
 )
 from ..engine import check_device
 from ..weights import load_encoder, trained_size
-from . import HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
+from . import check_output_file, cli_main, new_parser, number
 
 log = logging.getLogger("fcmae.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fcmae-analyze", formatter_class=HelpFormatter,
-        description="Per block, the average pairwise cosine distance between the channels of its activations "
-                    "(ConvNeXt V2 paper, Sec. 3: low values = feature collapse), for one or more sets of weights "
-                    "overlaid in one plot. Writes OUTPUT (PNG) and OUTPUT with .json (every number).")
+    parser = new_parser("fcmae-analyze", __doc__)
     add = parser.add_argument
     add("weights", nargs="+",
         help="FCMAE checkpoints (ours or official), converted dense or timm files/folders, fine-tuning "
@@ -58,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=number(int, 0), default=0, help="seed of random:MODEL initialisations")
     add("--device", default="cpu")
     add("--force", action="store_true", help="overwrite the plot, its .json and _maps.png if they exist")
-    add_log_level_argument(parser)
     return parser
 
 
@@ -210,11 +207,7 @@ def _plot_maps(maps: list[tuple[str, str, torch.Tensor]], image: torch.Tensor, p
     return figure
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    raise SystemExit(run_or_exit("fcmae-analyze", lambda: run(args),
-                                 (CheckpointError, DataError, ValueError, FileNotFoundError, OSError)))
+main = partial(cli_main, build_parser, run)   # main(argv=None): parse, run, exit with its code
 
 
 if __name__ == "__main__":

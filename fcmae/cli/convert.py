@@ -1,23 +1,22 @@
-"""``fcmae-convert``: sparse FCMAE weights → dense ConvNeXt V2 weights for fine-tuning."""
+"""Turn an FCMAE checkpoint (from fcmae-pretrain, any backend, or an official ConvNeXt-V2 FCMAE
+checkpoint) into dense encoder weights. Decoder weights are dropped; the final norm and classifier
+are absent (fine-tuning starts them fresh)."""
 from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from pathlib import Path
 
 from .. import checkpoint as ckpt
 from ..convert import FORMATS, TIMM_FOLDER_FILES, convert_state, is_export_folder, save_converted, verify
-from . import NON_NEGATIVE, HelpFormatter, add_log_level_argument, configure_logging, run_or_exit
+from . import NON_NEGATIVE, cli_main, new_parser
 
 log = logging.getLogger("fcmae.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fcmae-convert", formatter_class=HelpFormatter,
-        description="Turn an FCMAE checkpoint (from fcmae-pretrain, any backend, or an official "
-                    "ConvNeXt-V2 FCMAE checkpoint) into dense encoder weights. Decoder weights are "
-                    "dropped; the final norm and classifier are absent (fine-tuning starts them fresh).")
+    parser = new_parser("fcmae-convert", __doc__)
     parser.add_argument("checkpoint", help="FCMAE checkpoint (.pth or .safetensors)")
     parser.add_argument("-o", "--output", required=True,
                         help="where to write the dense weights: NAME.pth (torch.save), NAME.safetensors, "
@@ -32,7 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-3, help="max abs difference allowed by --verify")
     parser.add_argument("--force", action="store_true",
                         help="overwrite an existing output file, or a folder of an earlier --format timm export")
-    add_log_level_argument(parser)
     return parser
 
 
@@ -73,12 +71,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    code = run_or_exit("fcmae-convert", lambda: run(args),
-                       (ckpt.CheckpointError, ValueError, FileExistsError, OSError))
-    raise SystemExit(code)
+main = partial(cli_main, build_parser, run)   # main(argv=None): parse, run, exit with its code
 
 
 if __name__ == "__main__":

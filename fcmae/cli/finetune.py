@@ -1,32 +1,18 @@
-"""``fcmae-finetune``: supervised fine-tuning / linear probing of the dense model."""
+"""Fine-tune or linear-probe a dense model on an ImageFolder with train/ and val/ splits, starting from
+fcmae-convert output (or an FCMAE checkpoint, converted on the fly). Defaults follow the official
+ConvNeXt V2 fine-tuning recipe for base; an unset --warmup-epochs is the recipe's share of --epochs
+(20 of 100). Official underscore spellings are accepted too."""
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
-from ..checkpoint import CheckpointError
-from ..data import DataError
-from ..engine import NonFiniteLossError
 from ..finetune import FINETUNE_RECIPE, run_finetuning
-from . import (
-    NON_NEGATIVE,
-    POSITIVE,
-    PROBABILITY,
-    HelpFormatter,
-    add_training_arguments,
-    configure_logging,
-    number,
-    run_or_exit,
-)
+from . import NON_NEGATIVE, POSITIVE, PROBABILITY, add_training_arguments, cli_main, new_parser, number
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fcmae-finetune", formatter_class=HelpFormatter,
-        description="Fine-tune or linear-probe a dense model on an ImageFolder with train/ and val/ "
-                    "splits, starting from fcmae-convert output (or an FCMAE checkpoint, converted on "
-                    "the fly). Defaults follow the official ConvNeXt V2 fine-tuning recipe for base; an unset "
-                    "--warmup-epochs is the recipe's share of --epochs (20 of 100). "
-                    "Official underscore spellings are accepted too.")
+    parser = new_parser("fcmae-finetune", __doc__)
     add = parser.add_argument
     add("--data-path", "--data_path", required=True,
         help="folder with train/ and val/ ImageFolder trees, or WebDataset tar shards with 'cls' labels "
@@ -61,13 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    from .. import distributed
-    run_or_exit("fcmae-finetune", lambda: run_finetuning(args),
-                (DataError, CheckpointError, NonFiniteLossError, ValueError))
-    distributed.cleanup()
+def run(args: argparse.Namespace) -> int:
+    run_finetuning(args)
+    return 0
+
+
+main = partial(cli_main, build_parser, run)   # main(argv=None): parse, run, exit with its code
 
 
 if __name__ == "__main__":

@@ -1,25 +1,21 @@
-"""``fcmae-knn``: k-NN top-1 of any weights' pooled encoder features on a labeled folder."""
+"""Weighted k-NN classification (cosine similarity, temperature 0.07) of the pooled final features of
+an encoder: DATA/val against DATA/train. The same code as fcmae-pretrain's --knn-data-path monitor."""
 from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 
-from ..checkpoint import CheckpointError
-from ..data import DataError
 from ..engine import check_device
 from ..knn import knn_evaluate, knn_splits
 from ..weights import extract_features, input_size_for, load_encoder
-from . import HelpFormatter, add_log_level_argument, configure_logging, number, run_or_exit
+from . import cli_main, new_parser, number
 
 log = logging.getLogger("fcmae.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fcmae-knn", formatter_class=HelpFormatter,
-        description="Weighted k-NN classification (cosine similarity, temperature 0.07) of the pooled final "
-                    "features of an encoder: DATA/val against DATA/train. The same code as fcmae-pretrain's "
-                    "--knn-data-path monitor.")
+    parser = new_parser("fcmae-knn", __doc__)
     add = parser.add_argument
     add("weights", help="FCMAE checkpoint, dense or timm weights, or random:MODEL (as fcmae-analyze)")
     add("--data-path", required=True, help="ImageFolder with train/ and val/")
@@ -34,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", default=None, help="model name, if the file does not say and it cannot be inferred")
     add("--seed", type=number(int, 0), default=0, help="seed of random:MODEL initialisations")
     add("--device", default="cpu")
-    add_log_level_argument(parser)
     return parser
 
 
@@ -52,10 +47,7 @@ def run(args: argparse.Namespace) -> float:
     return top1
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    run_or_exit("fcmae-knn", lambda: run(args), (CheckpointError, DataError, ValueError, OSError))
+main = partial(cli_main, build_parser, run)   # main(argv=None): parse, run, exit with its code
 
 
 if __name__ == "__main__":

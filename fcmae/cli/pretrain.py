@@ -1,27 +1,22 @@
-"""``fcmae-pretrain``: FCMAE self-supervised pretraining."""
+"""FCMAE pretraining of a sparse encoder. Without --data-path it runs a short demo on photos bundled
+with scikit-image. Official underscore spellings (--mask_ratio, --data_path, ...) are accepted too.
+Unset --epochs, --batch-size, --blr and --warmup-epochs follow the official recipe (800, 64, 1.5e-4,
+40) or, without --data-path, the demo's (30, 16, 1.6e-2, 3)."""
 from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 
 import sparse_ops
 
-from ..checkpoint import CheckpointError
-from ..data import DataError
-from ..engine import NonFiniteLossError
-from . import NON_NEGATIVE_INT, HelpFormatter, add_training_arguments, configure_logging, number, run_or_exit
+from . import NON_NEGATIVE_INT, add_training_arguments, cli_main, new_parser, number
 
 log = logging.getLogger("fcmae.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fcmae-pretrain", formatter_class=HelpFormatter,
-        description="FCMAE pretraining of a sparse encoder. Without --data-path it runs a short "
-                    "demo on photos bundled with scikit-image. Official underscore spellings "
-                    "(--mask_ratio, --data_path, ...) are accepted too. Unset --epochs, --batch-size, "
-                    "--blr and --warmup-epochs follow the official recipe (800, 64, 1.5e-4, 40) or, "
-                    "without --data-path, the demo's (30, 16, 1.6e-2, 3).")
+    parser = new_parser("fcmae-pretrain", __doc__)
     add = parser.add_argument
     add("--data-path", "--data_path", default=None,
         help="ImageFolder tree or flat folder of images (labels ignored), or WebDataset tar shards "
@@ -54,16 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    from ..pretrain import run_pretraining
-    errors = (DataError, CheckpointError, NonFiniteLossError, ValueError)
-    last, _ = run_or_exit("fcmae-pretrain", lambda: run_pretraining(args), errors)
-    from .. import distributed
+def run(args: argparse.Namespace) -> int:
+    """Pretrain, then name the checkpoint and the next command."""
+    from ..pretrain import run_pretraining  # torch-heavy: imported when a run starts, not for --help
+    last, _ = run_pretraining(args)
     log.info(f"done: checkpoint {last}\n"
              f"next: fcmae-convert {last} -o {last.parent / (args.model + '_dense.pth')} --verify")
-    distributed.cleanup()
+    return 0
+
+
+main = partial(cli_main, build_parser, run)   # main(argv=None): parse, run, exit with its code
 
 
 if __name__ == "__main__":

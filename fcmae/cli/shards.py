@@ -1,25 +1,23 @@
-"""``fcmae-shards``: pack an image folder into WebDataset tar shards for training at scale."""
+"""Pack an ImageFolder tree (labels kept as 'cls') or a flat folder of images into WebDataset tar
+shards with the original bytes (no re-encoding), plus shards.json (sample counts, class names) that
+fcmae-pretrain and fcmae-finetune read."""
 from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..data import DataError
 from ..shards import SHARD_INDEX, STAGING_PREFIX, write_shards
-from . import POSITIVE, POSITIVE_INT, SEED, HelpFormatter, add_log_level_argument, configure_logging, run_or_exit
+from . import POSITIVE, POSITIVE_INT, SEED, cli_main, new_parser
 
 log = logging.getLogger("fcmae.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fcmae-shards", formatter_class=HelpFormatter,
-        description="Pack an ImageFolder tree (labels kept as 'cls') or a flat folder of images into "
-                    "WebDataset tar shards with the original bytes (no re-encoding), plus shards.json "
-                    "(sample counts, class names) that fcmae-pretrain and fcmae-finetune read.")
+    parser = new_parser("fcmae-shards", __doc__)
     parser.add_argument("source", help="image folder")
     parser.add_argument("destination", help="folder for the shards (created)")
     parser.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ...")
@@ -29,7 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="write into a folder that already holds shards")
     parser.add_argument("--seed", type=SEED, default=0, help="seed of the packing order (shuffled: shards mix classes)")
     parser.add_argument("--no-shuffle", action="store_true", help="pack in path order (class by class)")
-    add_log_level_argument(parser)
     return parser
 
 
@@ -60,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    raise SystemExit(run_or_exit("fcmae-shards", lambda: run(args), (DataError, FileExistsError, OSError, ValueError)))
+main = partial(cli_main, build_parser, run)   # main(argv=None): parse, run, exit with its code
 
 
 if __name__ == "__main__":

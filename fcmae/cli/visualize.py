@@ -1,30 +1,29 @@
-"""``fcmae-visualize``: FCMAE reconstructions as a picture."""
+"""Reconstructions of an FCMAE checkpoint (ours or official, any family): one column per image; rows =
+original, masked input, reconstruction, reconstruction with the visible patches pasted back. Norm-
+pix-loss predictions are mapped back with each patch's own mean and std. The same picture fcmae-
+pretrain logs to TensorBoard."""
 from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
 from torchvision.transforms.functional import to_pil_image
 
-from ..checkpoint import CheckpointError, atomic_write
-from ..data import DEMO_HELDOUT_PHOTOS, DataError, demo_photo_paths, find_images, load_center_crops, spread_indices
+from ..checkpoint import atomic_write
+from ..data import DEMO_HELDOUT_PHOTOS, demo_photo_paths, find_images, load_center_crops, spread_indices
 from ..masking import check_pretraining_masks, patch_grid, random_masks
 from ..reconstruction import reconstruction_grid, with_row_labels
 from ..weights import load_fcmae
-from . import SEED, HelpFormatter, add_log_level_argument, check_output_file, configure_logging, number, run_or_exit
+from . import SEED, check_output_file, cli_main, new_parser, number
 
 log = logging.getLogger("fcmae.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fcmae-visualize", formatter_class=HelpFormatter,
-        description="Reconstructions of an FCMAE checkpoint (ours or official, any family): one column per "
-                    "image; rows = original, masked input, reconstruction, reconstruction with the visible "
-                    "patches pasted back. Norm-pix-loss predictions are mapped back with each patch's own "
-                    "mean and std. The same picture fcmae-pretrain logs to TensorBoard.")
+    parser = new_parser("fcmae-visualize", __doc__)
     add = parser.add_argument
     add("checkpoint", help="FCMAE pretraining checkpoint (.pth or .safetensors)")
     add("images", nargs="*", help="image files (default: --data-path, else the built-in held-out demo photos)")
@@ -38,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="center crop side (default: the checkpoint's, else 224)")
     add("--seed", type=SEED, default=0, help="seed of the random masks")
     add("--model", default=None, help="model name, if the file does not say and it cannot be inferred")
-    add_log_level_argument(parser)
     return parser
 
 
@@ -64,11 +62,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    raise SystemExit(run_or_exit("fcmae-visualize", lambda: run(args),
-                                 (CheckpointError, DataError, ValueError, FileNotFoundError, OSError)))
+main = partial(cli_main, build_parser, run)   # main(argv=None): parse, run, exit with its code
 
 
 if __name__ == "__main__":
