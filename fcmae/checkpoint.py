@@ -1,4 +1,4 @@
-"""One checkpoint format for every command: atomic writes, model checks, exact resume.
+"""One checkpoint format for every command: output folders, model checks, exact resume.
 
 A checkpoint is a dict with the official FCMAE fields ``model``, ``optimizer``, ``epoch``,
 ``scaler``, ``args`` plus ``step``, ``model_name``, ``rng`` (one RNG state per rank) and
@@ -11,63 +11,28 @@ import json
 import logging
 import os
 import random
-import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_write
+
 FORMAT = "fcmae-checkpoint-v1"
 LAST = "checkpoint-last.pth"
-TEMP_SUFFIX = ".fcmae-tmp"
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (missing, corrupt, or of another model)."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary file in ``path``'s folder, then rename it over
-    ``path``: a crash mid-write never leaves a truncated file at ``path``."""
-    path = Path(path)
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        os.chmod(tmp_name, 0o666 & ~_umask())   # mkstemp makes 0600; honour the umask instead
-        with os.fdopen(handle, "wb") as tmp:
-            write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as error:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(error, OSError):   # full disk, read-only folder, ...: one line, old file intact
-            raise CheckpointError(f"cannot write {path}: {error.strerror or error}; "
-                                  f"the previous {path.name}, if any, is unchanged") from None
-        raise
-
-
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that interrupted :func:`atomic_write` calls of earlier runs
-    left in ``folder`` (hidden ``.NAME.*.fcmae-tmp``); returns what was removed."""
-    stale = sorted(Path(folder).glob(f".*{TEMP_SUFFIX}")) if Path(folder).is_dir() else []
-    for path in stale:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return stale
 
 
 def check_output_dir(folder: str | os.PathLike) -> None:
@@ -142,55 +107,6 @@ def _process_alive(pid: Any) -> bool:
     except PermissionError:     # exists, owned by someone else
         return True
     return True
-
-
-def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
-    """Call ``fill(folder)`` on a temporary folder beside ``path``, then move it to ``path``
-    (an existing ``path`` is replaced only once the new folder is complete)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
-    old = path.with_name(f".{path.name}.old")
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        for file in tmp.iterdir():
-            os.chmod(file, 0o666 & ~_umask())
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda file: torch.save(obj, file))
-
-
-def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
-    """``path`` becomes another name of the file ``source`` (a hard link: no second copy on
-    disk; a copy where the file system has no hard links), replacing ``path`` atomically."""
-    source, path = Path(source), Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {error.strerror or error}; "
-                              f"{source.name} holds the same state") from None
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -314,45 +230,6 @@ def load_body(model: nn.Module, state: dict[str, torch.Tensor], model_name: str,
         return {key: value for key, value in weights.items() if not key.startswith(head)}
     check_compatible(body(own), body(state), model_name, None, path)
     model.load_state_dict(state, strict=False)
-
-
-def init_from_fcmae(model: nn.Module, checkpoint: dict[str, Any], model_name: str, path: str | os.PathLike) -> str:
-    """Load the weights of an FCMAE ``checkpoint`` (read from ``path`` with
-    :func:`load_checkpoint`, before any data; ours or the official ConvNeXt-V2 layout) into the
-    FCMAE ``model`` to continue pretraining: encoder and decoder where the file has both, the
-    encoder alone for a decoder-less file. Optimizer, schedule and step start fresh.
-
-    Returns what was loaded, in words; raises :class:`CheckpointError` for another model."""
-    from .convert import ENCODER_PREFIX, encoder_state, infer_model_name
-    state = state_dict_of(checkpoint)
-    encoder = encoder_state(state)
-    try:
-        inferred = infer_model_name(encoder)
-    except CheckpointError:
-        inferred = None
-    if inferred is None and not any(key.startswith(ENCODER_PREFIX) for key in state):
-        raise CheckpointError(f"{str(path)!r} holds dense (converted, timm or fine-tuned) weights, not an FCMAE "
-                              f"checkpoint: --init continues pretraining from fcmae-pretrain's checkpoint or an "
-                              f"official FCMAE file; dense weights are for fcmae-finetune --finetune")
-    saved_name = checkpoint.get("model_name") if isinstance(checkpoint.get("model_name"), str) else inferred
-    check_compatible(model.encoder.state_dict(), encoder, model_name, saved_name, path)
-    decoder = {key: value for key, value in state.items() if not key.startswith(ENCODER_PREFIX)}
-    if not any(key.startswith(ENCODER_PREFIX) for key in state) or not decoder:
-        model.encoder.load_state_dict(encoder)
-        return "encoder only (the file has no decoder; the decoder starts fresh)"
-    own_decoder = {key: value for key, value in model.state_dict().items()
-                   if not key.startswith(ENCODER_PREFIX)}
-    if {k: v.shape for k, v in own_decoder.items()} != {k: v.shape for k, v in decoder.items()}:
-        raise CheckpointError(f"the decoder in {str(path)!r} ({_decoder_size(decoder)}) differs from this "
-                              f"run's ({_decoder_size(own_decoder)}); pass matching --decoder-dim/--decoder-depth")
-    model.load_state_dict(state)
-    return "encoder and decoder"
-
-
-def _decoder_size(decoder: dict[str, torch.Tensor]) -> str:
-    dim = decoder["proj.weight"].shape[0] if "proj.weight" in decoder else "?"
-    depth = len({key.split(".")[1] for key in decoder if key.startswith("decoder.")})
-    return f"dim {dim}, depth {depth}"
 
 
 def first_non_finite(state: dict[str, Any], prefix: str = "") -> str | None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, atomic_folder, atomic_save, save_safetensors
+from .atomic import atomic_folder, atomic_save
+from .checkpoint import CheckpointError, save_safetensors
 from .masking import random_masks
 from .models import create_encoder, create_model, get_model_entry, list_models
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision import transforms
 
 from . import distributed
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -276,18 +276,3 @@ def labeled_images(root: str | os.PathLike, transform: Callable[[Image.Image], t
     if not files:
         raise DataError(f"no images in class folders under {str(root)!r} (expected {root}/<class>/<image>)")
     return ImageFiles(files, transform, labels, classes, seed=seed)
-
-
-def build_pretrain_dataset(data_path: str | None, input_size: int, seed: int = 0, batch_size: int = 1,
-                           shard_index: str | None = None, cache: str | os.PathLike | None = None,
-                           demo_repeats: int = 8) -> Dataset:
-    """Unlabeled training images: tar shards (a shard spec, :mod:`fcmae.shards`), a folder
-    (``cache``: see :func:`find_images`), or with ``data_path`` None the built-in demo photos."""
-    transform = pretrain_transform(input_size)
-    if data_path is None:
-        return ImageFiles(demo_photo_paths(), transform, repeats=demo_repeats, seed=seed)
-    from .shards import ShardImages, is_shard_spec, open_shard_set
-    if is_shard_spec(data_path):
-        return ShardImages(open_shard_set(data_path, shard_index), transform, labeled=False,
-                           batch_size=batch_size, seed=seed)
-    return ImageFiles(find_images(data_path, cache), transform, seed=seed)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed, preemption
+from .atomic import atomic_link, atomic_save, remove_stale_temp_files
 from .loader import BatchStream
 from .logger import LOG_FILE, RunLogger
 from .optim import cosine_lr, set_lr
@@ -101,7 +102,7 @@ def prepare_output(output_dir: Path, log_dir: Path, resume: str | None = None, o
                                    f"continue it with --resume auto, start over with --overwrite, or choose "
                                    f"another --output-dir")
     if distributed.is_main_process():
-        for stale in ckpt.remove_stale_temp_files(output_dir):
+        for stale in remove_stale_temp_files(output_dir):
             log.warning(f"removed {stale}, left by an interrupted save")
 
 
@@ -288,7 +289,7 @@ def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info:
                 f"still holds the last good state; lower --lr/--blr or use --clip-grad")
         if distributed.is_main_process():
             in_epoch = {"batch": result.stopped_after, "epoch_losses": result.losses} if result.stopped_after else {}
-            ckpt.atomic_save(ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch_done, step, info.args,
+            atomic_save(ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch_done, step, info.args,
                                                       info.model_name, rng, **in_epoch), last)
 
     try:
@@ -312,7 +313,7 @@ def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info:
             save(epoch, result, rng)
             saved = True
             if distributed.is_main_process() and info.save_every and (epoch + 1) % info.save_every == 0:
-                ckpt.atomic_link(last, info.output_dir / f"checkpoint-{epoch + 1}.pth")   # named by epochs done
+                atomic_link(last, info.output_dir / f"checkpoint-{epoch + 1}.pth")   # named by epochs done
             # preempted at the epoch's last step: no monitors (the time left is short)
             run_callbacks = callbacks.end_of_epoch is not None and not result.stop_requested
             metrics = callbacks.end_of_epoch(epoch) if run_callbacks else {}

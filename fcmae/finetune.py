@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from . import checkpoint as ckpt
 from . import distributed
-from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_readable, eval_transform, labeled_images
+from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_readable, eval_transform
+from .datasets import labeled_dataset
 from .engine import AMP_DTYPES, Callbacks, move_to, prepare_output, setup_run
 from .loader import make_train_loader
 from .models import create_model
 from .optim import layer_decay_param_groups, param_groups
 from .run import model_kwargs, resolve_warmup, scale_lr, start_training, train
-from .shards import SHARD_INDEX, ShardImages, is_shard_spec, open_shard_set
+from .shards import is_shard_spec
 from .weights import load_dense_state
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def train_dataset(args: argparse.Namespace, cache_dir: Path) -> Dataset:
                                                             auto_augment=args.aa or None, re_prob=args.reprob,
                                                             re_mode="pixel", re_count=1, **augment))
     path = args.data_path if is_shard_spec(args.data_path) else str(Path(args.data_path) / "train")
-    return labeled_dataset(path, transform, args, cache_dir / "file-list-train.txt", train=True)
+    return labeled_dataset(path, transform, args.seed, args.batch_size, args.shard_index,
+                           cache_dir / "file-list-train.txt", train=True)
 
 
 def val_dataset(args: argparse.Namespace, cache_dir: Path | None) -> Dataset:
@@ -78,8 +80,8 @@ def val_dataset(args: argparse.Namespace, cache_dir: Path | None) -> Dataset:
     if is_shard_spec(args.data_path) and not args.val_data_path:
         raise DataError("training from shards needs --val-data-path (a folder or shards with 'cls' labels)")
     path = args.val_data_path or str(Path(args.data_path) / "val")
-    return labeled_dataset(path, eval_transform(args.input_size, args.eval_crop_pct), args,
-                           cache_dir / "file-list-val.txt" if cache_dir else None, train=False)
+    return labeled_dataset(path, eval_transform(args.input_size, args.eval_crop_pct), args.seed, args.batch_size,
+                           args.shard_index, cache_dir / "file-list-val.txt" if cache_dir else None, train=False)
 
 
 def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, Dataset]:
@@ -92,17 +94,6 @@ def build_datasets(args: argparse.Namespace, cache_dir: Path) -> tuple[Dataset, 
     check_readable(train, "--data-path" if is_shard_spec(args.data_path) else f"{args.data_path}/train")
     check_readable(val, "--val-data-path" if args.val_data_path else f"{args.data_path}/val")
     return train, val
-
-
-def labeled_dataset(path: str, transform, args: argparse.Namespace, cache: Path | None, train: bool) -> Dataset:
-    """One labeled split: an ImageFolder tree or ``cls``-labeled tar shards."""
-    if not is_shard_spec(path):
-        return labeled_images(path, transform, args.seed, cache)
-    shard_set = open_shard_set(path, args.shard_index)
-    if not shard_set.classes:
-        raise DataError(f"shards {path!r} come with no class names; write them with fcmae-shards "
-                        f"(its {SHARD_INDEX} lists the classes) or pass --shard-index")
-    return ShardImages(shard_set, transform, labeled=True, batch_size=args.batch_size, seed=args.seed, train=train)
 
 
 def load_pretrained(model: nn.Module, path: str, model_name: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 
 LOG_FILE = "log.jsonl"
 

@@ -10,7 +10,8 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .autoencoder import create_fcmae
-from .data import build_pretrain_dataset, check_readable
+from .data import check_readable
+from .datasets import build_pretrain_dataset
 from .engine import Callbacks, check_device, prepare_output, setup_run
 from .loader import make_train_loader
 from .logger import RunLogger
@@ -19,6 +20,7 @@ from .monitor import KnnMonitor, ReconstructionMonitor
 from .optim import param_groups
 from .reconstruction import reconstruction_grid
 from .run import model_kwargs, resolve_warmup, scale_lr, start_training, train
+from .weights import init_from_fcmae
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device, o
 
     def init_weights(model: torch.nn.Module) -> None:
         if init_checkpoint is not None:
-            loaded = ckpt.init_from_fcmae(model, init_checkpoint, args.model, args.init)
+            loaded = init_from_fcmae(model, init_checkpoint, args.model, args.init)
             log.info(f"initialised from {args.init}: {loaded}; fresh optimizer and schedule")
 
     run = start_training(args, model, param_groups(model, args.weight_decay), device, betas=(0.9, 0.95),

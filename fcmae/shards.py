@@ -29,7 +29,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from . import distributed
-from .data import IMAGE_EXTENSIONS, READ_ERRORS, DataError, augment, load_rgb, seed_sample_rngs
+from .atomic import atomic_write
+from .data import (
+    IMAGE_EXTENSIONS,
+    READ_ERRORS,
+    DataError,
+    augment,
+    class_labels,
+    find_images,
+    load_rgb,
+    seed_sample_rngs,
+)
 
 SHARD_INDEX = "shards.json"
 IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
@@ -386,8 +396,6 @@ def write_shards(source: str | os.PathLike, destination: str | os.PathLike, pref
     then the shards, so a set cut short while moving never passes for a whole one (readers
     compare each shard with the index: :func:`check_against_index`). Returns the summary
     stored in ``shards.json``."""
-    from .checkpoint import atomic_write
-    from .data import class_labels, find_images
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
         raise ValueError(f"--prefix {prefix!r}: use letters, digits, '.', '_' and '-' only (no path separators, "
                          f"no '%' or braces): it names files inside the destination")

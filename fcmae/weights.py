@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -220,3 +221,41 @@ def decoder_shape(state: dict[str, Tensor], source: str | os.PathLike) -> tuple[
         raise ckpt.CheckpointError(f"{str(source)!r}: decoder blocks {sorted(blocks)[:5]} are not 0..N-1 with "
                                    f"1 <= N <= {MAX_DECODER_DEPTH}; the file is damaged")
     return proj.shape[0], len(blocks)
+
+
+def init_from_fcmae(model: nn.Module, checkpoint: dict[str, Any], model_name: str, path: str | os.PathLike) -> str:
+    """Load the weights of an FCMAE ``checkpoint`` (read from ``path`` with
+    :func:`load_checkpoint`, before any data; ours or the official ConvNeXt-V2 layout) into the
+    FCMAE ``model`` to continue pretraining: encoder and decoder where the file has both, the
+    encoder alone for a decoder-less file. Optimizer, schedule and step start fresh.
+
+    Returns what was loaded, in words; raises :class:`CheckpointError` for another model."""
+    state = ckpt.state_dict_of(checkpoint)
+    encoder = encoder_state(state)
+    try:
+        inferred = infer_model_name(encoder)
+    except ckpt.CheckpointError:
+        inferred = None
+    if inferred is None and not any(key.startswith(ENCODER_PREFIX) for key in state):
+        raise ckpt.CheckpointError(f"{str(path)!r} holds dense (converted, timm or fine-tuned) weights, not an FCMAE "
+                              f"checkpoint: --init continues pretraining from fcmae-pretrain's checkpoint or an "
+                              f"official FCMAE file; dense weights are for fcmae-finetune --finetune")
+    saved_name = checkpoint.get("model_name") if isinstance(checkpoint.get("model_name"), str) else inferred
+    ckpt.check_compatible(model.encoder.state_dict(), encoder, model_name, saved_name, path)
+    decoder = {key: value for key, value in state.items() if not key.startswith(ENCODER_PREFIX)}
+    if not any(key.startswith(ENCODER_PREFIX) for key in state) or not decoder:
+        model.encoder.load_state_dict(encoder)
+        return "encoder only (the file has no decoder; the decoder starts fresh)"
+    own_decoder = {key: value for key, value in model.state_dict().items()
+                   if not key.startswith(ENCODER_PREFIX)}
+    if {k: v.shape for k, v in own_decoder.items()} != {k: v.shape for k, v in decoder.items()}:
+        raise ckpt.CheckpointError(f"the decoder in {str(path)!r} ({_decoder_size(decoder)}) differs from this "
+                              f"run's ({_decoder_size(own_decoder)}); pass matching --decoder-dim/--decoder-depth")
+    model.load_state_dict(state)
+    return "encoder and decoder"
+
+
+def _decoder_size(decoder: dict[str, Tensor]) -> str:
+    dim = decoder["proj.weight"].shape[0] if "proj.weight" in decoder else "?"
+    depth = len({key.split(".")[1] for key in decoder if key.startswith("decoder.")})
+    return f"dim {dim}, depth {depth}"

@@ -10,7 +10,8 @@ import torch
 import fcmae
 import fcmae.convert
 import sparse_ops.layout
-from fcmae.checkpoint import atomic_save, load_checkpoint, save_safetensors
+from fcmae.atomic import atomic_save
+from fcmae.checkpoint import load_checkpoint, save_safetensors
 from fcmae.cli.convert import main
 from fcmae.convert import convert_state, verify
 

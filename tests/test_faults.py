@@ -178,7 +178,7 @@ def test_worker_data_errors_show_their_cause(tmp_path, capsys):
 # Saves checkpoint-last.pth over and over (each holding its own counter), for the kill test.
 WRITER = """
 import sys, torch
-from fcmae.checkpoint import atomic_save
+from fcmae.atomic import atomic_save
 for index in range(10 ** 6):
     atomic_save({"index": index, "weights": torch.full((200_000,), float(index))}, sys.argv[1])
 """
@@ -199,7 +199,7 @@ def test_sigkill_at_random_points_never_breaks_the_checkpoint(tmp_path):
         if path.exists():
             state = load_checkpoint(path)
             assert torch.equal(state["weights"], torch.full((200_000,), float(state["index"])))
-    from fcmae.checkpoint import remove_stale_temp_files
+    from fcmae.atomic import remove_stale_temp_files
     remove_stale_temp_files(tmp_path)
     assert hidden_files(tmp_path) == []
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.checkpoint import atomic_save, load_checkpoint
+from fcmae.atomic import atomic_save
+from fcmae.checkpoint import load_checkpoint
 from fcmae.cli.finetune import main
 from fcmae.convert import convert_state
 from fcmae.optim import layer_decay_param_groups

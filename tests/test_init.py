@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.checkpoint import CheckpointError, init_from_fcmae, load_checkpoint
+from fcmae.checkpoint import CheckpointError, load_checkpoint
 from fcmae.cli.pretrain import main
+from fcmae.weights import init_from_fcmae
 
 from .helpers import randomize_
 

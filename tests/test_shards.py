@@ -217,7 +217,8 @@ def test_folders_train_without_webdataset_and_shards_say_what_is_missing(labeled
     script = f"""
 import sys
 sys.modules["webdataset"] = sys.modules["braceexpand"] = None   # as if not installed
-from fcmae.data import DataError, build_pretrain_dataset
+from fcmae.data import DataError
+from fcmae.datasets import build_pretrain_dataset
 assert len(build_pretrain_dataset({str(labeled_folder)!r}, 64)) > 0
 try:
     build_pretrain_dataset({spec_of(packed)!r}, 64)

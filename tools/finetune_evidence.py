@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcmae.checkpoint import atomic_save, load_checkpoint, state_dict_of
+from fcmae.atomic import atomic_save
+from fcmae.checkpoint import load_checkpoint, state_dict_of
 from fcmae.cli.finetune import build_parser as finetune_parser
 from fcmae.cli.pretrain import build_parser as pretrain_parser
 from fcmae.convert import convert_state

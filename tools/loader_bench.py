@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 import fcmae
-from fcmae.data import build_pretrain_dataset, find_images, load_rgb
+from fcmae.data import find_images, load_rgb
+from fcmae.datasets import build_pretrain_dataset
 from fcmae.engine import AMP_DTYPES, check_device
 from fcmae.loader import BatchStream, make_train_loader
 from fcmae.optim import param_groups

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ..analysis import WHERE, analysis_points, collapse_profile, feature_maps
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from ..data import (
     DEMO_HELDOUT_PHOTOS,
     DEMO_TRAIN_PHOTOS,

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms.functional import to_pil_image
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from ..data import DEMO_HELDOUT_PHOTOS, demo_photo_paths, find_images, load_center_crops, spread_indices
 from ..masking import check_pretraining_masks, patch_grid, random_masks
 from ..reconstruction import reconstruction_grid, with_row_labels

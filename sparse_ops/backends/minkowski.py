@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..layout import kernel_side
 from ..tensor import ActiveSites, SparseImage, flat_site_index
-from . import Backend
+from .base import Backend
 
 
 def _import_me():

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..layout import depthwise_kernel_to_weight
 from ..tensor import SparseImage
-from . import Backend
+from .base import Backend
 
 
 class TorchBackend(Backend):
