@@ -277,15 +277,16 @@ def find_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | Non
 
 
 def training_checkpoint(weights: dict[str, Any], optimizer: torch.optim.Optimizer, scaler, epoch: int,
-                        step: int, args: argparse.Namespace, model_name: str, rng: list[dict[str, Any]],
+                        step: int, settings: dict[str, Any], model_name: str, rng: list[dict[str, Any]],
                         batch: int = 0, epoch_losses: list[float] | None = None) -> dict:
     """The checkpoint of a training run (format :data:`FORMAT`): ``weights`` (``model`` and e.g.
-    ``model_ema``), optimizer, scaler, ``epoch`` (the last one completed), step, args (paths as
-    text), model name and one RNG state per rank — what :func:`resume_training` reads back.
+    ``model_ema``), optimizer, scaler, ``epoch`` (the last one completed), step, the run's
+    ``settings`` (as ``args``: plain values), model name and one RNG state per rank — what
+    :func:`resume_training` reads back.
     A mid-epoch checkpoint (a preempted run) also holds ``batch``, the batches of the next
     epoch already trained, and their ``epoch_losses``."""
     checkpoint = {**weights, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                  "step": step, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                  "step": step, "args": dict(settings),
                   "model_name": model_name, "rng": rng, "format": FORMAT}
     if batch:
         checkpoint |= {"batch": batch, "epoch_losses": list(epoch_losses or [])}

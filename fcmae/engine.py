@@ -1,11 +1,12 @@
-"""One training loop for every command: AMP, gradient accumulation, DDP, NaN guard, logging."""
+"""The training loop of every command and nothing else: AMP, gradient accumulation, DDP, the
+NaN guard, logging, checkpoints at epoch ends and at a preemption stop. It takes typed pieces
+(:class:`TrainingRun`, :class:`TrainingConfig`, :class:`RunInfo`), never the command line;
+:mod:`fcmae.run` builds them."""
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed, preemption
-from .atomic import atomic_link, atomic_save, remove_stale_temp_files
+from .atomic import atomic_link, atomic_save
 from .loader import BatchStream
-from .logger import LOG_FILE, RunLogger
+from .logger import RunLogger
 from .optim import cosine_lr, set_lr
 
 log = logging.getLogger(__name__)
@@ -51,66 +51,6 @@ class TrainingConfig:
     accum_iter: int = 1
     clip_grad: float | None = None
     amp: str = "none"
-
-
-def setup_run(args: argparse.Namespace) -> tuple[int, int, torch.device]:
-    """Join torchrun's process group (if any), pick this process' device and CPU threads
-    (``--threads``), seed every RNG (seed + rank). Returns (rank, world_size, device)."""
-    device = check_device(args.device)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-    seed = args.seed + rank
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-    return rank, world_size, device
-
-
-def check_device(name: str) -> torch.device:
-    """``--device`` as a torch.device that exists on this machine, or a one-line ValueError."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} but PyTorch sees no CUDA GPU (torch {torch.__version__}, "
-                         f"CUDA build {torch.version.cuda}); use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def prepare_output(output_dir: Path, log_dir: Path, resume: str | None = None, overwrite: bool = False) -> None:
-    """Before any data is read: the output and log folders are writable, ``checkpoint-last.pth``
-    is a file if present, a folder holding a run is continued (``resume``) or explicitly
-    replaced (``overwrite``), and temporary files of interrupted earlier runs are removed."""
-    for folder in {output_dir, log_dir}:
-        ckpt.check_output_dir(folder)
-    run_files = (output_dir / ckpt.LAST, output_dir / LOG_FILE, log_dir / LOG_FILE)
-    for path in run_files:
-        if path.is_symlink():
-            raise ckpt.CheckpointError(f"{path} is a symbolic link; a run never writes through one: remove it "
-                                       f"or choose another --output-dir / --log-dir")
-    held = [path for path in run_files if path.is_file()]
-    if held and not resume and not overwrite:
-        raise ckpt.CheckpointError(f"{output_dir} already holds a run ({', '.join(sorted({p.name for p in held}))}); "
-                                   f"continue it with --resume auto, start over with --overwrite, or choose "
-                                   f"another --output-dir")
-    if distributed.is_main_process():
-        for stale in remove_stale_temp_files(output_dir):
-            log.warning(f"removed {stale}, left by an interrupted save")
-
-
-def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
-    """A GradScaler, enabled only for fp16 (bf16 and fp32 need no loss scaling)."""
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"unknown --amp {amp!r}; choose one of {list(AMP_DTYPES)}")
-    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -228,10 +168,12 @@ def mark_progress(interrupt: BaseException, epoch: int, step: int, checkpoint: P
 
 @dataclass
 class RunInfo:
-    """What every checkpoint records about the run besides the training state."""
+    """What every checkpoint records about the run besides the training state: the model
+    name and the run's settings (plain values), where checkpoints go and how often a named
+    copy is kept."""
 
     model_name: str
-    args: argparse.Namespace
+    settings: dict[str, Any]
     output_dir: Path
     save_every: int = 0
 
@@ -289,7 +231,7 @@ def fit(run: TrainingRun, loader, loss_fn: LossFn, config: TrainingConfig, info:
                 f"still holds the last good state; lower --lr/--blr or use --clip-grad")
         if distributed.is_main_process():
             in_epoch = {"batch": result.stopped_after, "epoch_losses": result.losses} if result.stopped_after else {}
-            atomic_save(ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch_done, step, info.args,
+            atomic_save(ckpt.training_checkpoint(weights, run.optimizer, run.scaler, epoch_done, step, info.settings,
                                                       info.model_name, rng, **in_epoch), last)
 
     try:

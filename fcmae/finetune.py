@@ -23,11 +23,11 @@ from . import checkpoint as ckpt
 from . import distributed
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_readable, eval_transform
 from .datasets import labeled_dataset
-from .engine import AMP_DTYPES, Callbacks, move_to, prepare_output, setup_run
+from .engine import AMP_DTYPES, Callbacks, move_to
 from .loader import make_train_loader
 from .models import create_model
 from .optim import layer_decay_param_groups, param_groups
-from .run import model_kwargs, resolve_warmup, scale_lr, start_training, train
+from .run import model_kwargs, prepare_output, resolve_warmup, scale_lr, setup_run, start_training, train
 from .shards import is_shard_spec
 from .weights import load_dense_state
 

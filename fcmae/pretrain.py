@@ -12,14 +12,14 @@ from . import distributed
 from .autoencoder import create_fcmae
 from .data import check_readable
 from .datasets import build_pretrain_dataset
-from .engine import Callbacks, check_device, prepare_output, setup_run
+from .engine import Callbacks
 from .loader import make_train_loader
 from .logger import RunLogger
 from .masking import check_pretraining_masks
 from .monitor import KnnMonitor, ReconstructionMonitor
 from .optim import param_groups
 from .reconstruction import reconstruction_grid
-from .run import model_kwargs, resolve_warmup, scale_lr, start_training, train
+from .run import check_device, model_kwargs, prepare_output, resolve_warmup, scale_lr, setup_run, start_training, train
 from .weights import init_from_fcmae
 
 log = logging.getLogger(__name__)

@@ -1,27 +1,92 @@
-"""The run builder: what pretraining and fine-tuning set up alike — the learning rate from the
-effective batch, AdamW and the loss scaler, resuming, DDP and ``torch.compile`` wrapping, and
-the logged call of :func:`~fcmae.engine.fit`."""
+"""The run builder: everything that turns the command line into a run, alike for pretraining
+and fine-tuning — the device and process group, the output folder, the learning rate from
+the effective batch, AdamW and the loss scaler, resuming, DDP and ``torch.compile`` wrapping,
+preemption and requeue, and the logged call of :func:`~fcmae.engine.fit` (the loop, which
+never sees the command line)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import random
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import distributed, preemption, slurm
-from .engine import Callbacks, LossFn, RunInfo, TrainingConfig, TrainingRun, fit, make_scaler
-from .logger import RunLogger
+from .atomic import remove_stale_temp_files
+from .engine import AMP_DTYPES, Callbacks, LossFn, RunInfo, TrainingConfig, TrainingRun, fit
+from .logger import LOG_FILE, RunLogger
 from .models.layers import enable_grad_checkpointing
 from .models.registry import family_kwargs
 
 log = logging.getLogger(__name__)
+
+
+def setup_run(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group (if any), pick this process' device and CPU threads
+    (``--threads``), seed every RNG (seed + rank). Returns (rank, world_size, device)."""
+    device = check_device(args.device)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    rank, world_size, local_rank = distributed.init_distributed(args.dist_backend)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+    seed = args.seed + rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return rank, world_size, device
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` as a torch.device that exists on this machine, or a one-line ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but PyTorch sees no CUDA GPU (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def prepare_output(output_dir: Path, log_dir: Path, resume: str | None = None, overwrite: bool = False) -> None:
+    """Before any data is read: the output and log folders are writable, ``checkpoint-last.pth``
+    is a file if present, a folder holding a run is continued (``resume``) or explicitly
+    replaced (``overwrite``), and temporary files of interrupted earlier runs are removed."""
+    for folder in {output_dir, log_dir}:
+        ckpt.check_output_dir(folder)
+    run_files = (output_dir / ckpt.LAST, output_dir / LOG_FILE, log_dir / LOG_FILE)
+    for path in run_files:
+        if path.is_symlink():
+            raise ckpt.CheckpointError(f"{path} is a symbolic link; a run never writes through one: remove it "
+                                       f"or choose another --output-dir / --log-dir")
+    held = [path for path in run_files if path.is_file()]
+    if held and not resume and not overwrite:
+        raise ckpt.CheckpointError(f"{output_dir} already holds a run ({', '.join(sorted({p.name for p in held}))}); "
+                                   f"continue it with --resume auto, start over with --overwrite, or choose "
+                                   f"another --output-dir")
+    if distributed.is_main_process():
+        for stale in remove_stale_temp_files(output_dir):
+            log.warning(f"removed {stale}, left by an interrupted save")
+
+
+def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler, enabled only for fp16 (bf16 and fp32 need no loss scaling)."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"unknown --amp {amp!r}; choose one of {list(AMP_DTYPES)}")
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
 def model_kwargs(args: argparse.Namespace, device: torch.device) -> dict:
@@ -124,14 +189,19 @@ def train(run: TrainingRun, args: argparse.Namespace, loader, loss_fn: LossFn,
         log.info(f"Slurm job {os.environ.get('SLURM_JOB_ID')} restarted {restarts} time(s) (requeued)")
     try:
         with preemption.handling(args.preempt_signal):
-            return fit(run, loader, loss_fn, config, RunInfo(args.model, args, output_dir, args.save_every), logger,
-                       make_callbacks(logger) if make_callbacks else None)
+            info = RunInfo(args.model, run_settings(args), output_dir, args.save_every)
+            return fit(run, loader, loss_fn, config, info, logger, make_callbacks(logger) if make_callbacks else None)
     except preemption.Preempted as stop:
         if args.requeue:
             stop.requeued = requeue(run.device)
         raise
     finally:
         logger.close()
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The settings a checkpoint records (what ``--resume`` compares): every flag, paths as text."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
 
 
 def requeue(device: torch.device) -> str | None:

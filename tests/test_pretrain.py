@@ -76,7 +76,7 @@ def test_save_every_names_files_by_epochs_completed_and_the_schedule_starts_abov
 
 
 def test_threads_flag_sets_the_cpu_threads(monkeypatch):
-    from fcmae.engine import setup_run
+    from fcmae.run import setup_run
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     setup_run(build_parser().parse_args(["--threads", "3", "--device", "cpu"]))
@@ -85,10 +85,11 @@ def test_threads_flag_sets_the_cpu_threads(monkeypatch):
 
 def test_loss_decreases_on_a_fixed_batch():
     from fcmae import create_fcmae
-    from fcmae.engine import TrainingConfig, make_scaler, train_one_epoch
+    from fcmae.engine import TrainingConfig, train_one_epoch
     from fcmae.logger import RunLogger
     from fcmae.masking import random_masks
     from fcmae.optim import param_groups
+    from fcmae.run import make_scaler
 
     model = create_fcmae("convnextv2_atto", decoder_dim=32)
     imgs = torch.randn(4, 3, 64, 64)

@@ -32,9 +32,10 @@ from PIL import Image
 import fcmae
 from fcmae.data import find_images, load_rgb
 from fcmae.datasets import build_pretrain_dataset
-from fcmae.engine import AMP_DTYPES, check_device
+from fcmae.engine import AMP_DTYPES
 from fcmae.loader import BatchStream, make_train_loader
 from fcmae.optim import param_groups
+from fcmae.run import check_device
 from fcmae.shards import write_shards
 
 

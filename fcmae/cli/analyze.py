@@ -24,7 +24,7 @@ from ..data import (
     load_center_crops,
     spread_indices,
 )
-from ..engine import check_device
+from ..run import check_device
 from ..weights import load_encoder, trained_size
 from . import check_output_file, cli_main, new_parser, number
 

@@ -6,8 +6,8 @@ import argparse
 import logging
 from functools import partial
 
-from ..engine import check_device
 from ..knn import knn_evaluate, knn_splits
+from ..run import check_device
 from ..weights import extract_features, input_size_for, load_encoder
 from . import cli_main, new_parser, number
 
