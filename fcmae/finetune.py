@@ -25,7 +25,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_readable, eval_t
 from .datasets import labeled_dataset
 from .engine import AMP_DTYPES, Callbacks, move_to
 from .loader import make_train_loader
-from .models import create_model
+from .models import create_model, get_model_entry
 from .optim import layer_decay_param_groups, param_groups
 from .run import model_kwargs, prepare_output, resolve_warmup, scale_lr, setup_run, start_training, train
 from .shards import is_shard_spec
@@ -235,12 +235,16 @@ def _finetune(args: argparse.Namespace, rank: int, world_size: int, device: torc
     if run.start_epoch >= args.epochs:
         return {}
     criterion, mixup = make_loss(args, num_classes)
+    supervised_loss = get_model_entry(args.model).family.supervised_loss
 
     def classification_loss(net, batch):
         images, targets = batch
         if mixup is not None:
             images, targets = mixup(images, targets)
-        return criterion(net(images), targets), None
+        outputs = net(images)
+        if not torch.is_tensor(outputs):   # more than logits (RevCol's --inter-supervision): the family's loss
+            return supervised_loss(outputs, images, targets, criterion), None
+        return criterion(outputs, targets), None
 
     def update_ema(global_step: int, batch, outputs) -> None:
         if ema is not None:

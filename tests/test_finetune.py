@@ -269,3 +269,25 @@ def test_eval_of_a_checkpoint_needs_no_training_flags_and_writes_nothing(labeled
                             "--output-dir", out]) == 0
     assert "eval: top-1" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_revcol_fine_tunes_with_intermediate_supervision(labeled_folder, tmp_path, monkeypatch, capsys):
+    """--inter-supervision on builds the heads and decoders and trains with RevCol's loss
+    (through the family's supervised_loss); pretraining does not offer the flag."""
+    from fcmae.models import revcol
+    calls = []
+    real = revcol.inter_supervision_loss
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))   # heads
+        return real(*args, **kwargs)
+    monkeypatch.setattr(revcol, "inter_supervision_loss", counted)
+    argv = QUICK + ["--model", "revcol_t", "--data-path", labeled_folder, "--output-dir", tmp_path / "ft",
+                    "--epochs", "1", "--steps-per-epoch", "1", "--inter-supervision", "on", "--no-model-ema"]
+    assert run_cli(argv) == 0
+    assert calls == [4]
+    trained = load_checkpoint(tmp_path / "ft" / "checkpoint-last.pth")["model"]
+    assert "decoder_blocks.2.projback.0.weight" in trained and "cls_blocks.3.classifier.1.weight" in trained
+    from fcmae.cli import pretrain
+    assert exit_code(pretrain.main, ["--model", "revcol_t", "--inter-supervision", "on"]) == 2
+    assert "unrecognized arguments: --inter-supervision" in capsys.readouterr().err

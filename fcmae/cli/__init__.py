@@ -135,7 +135,7 @@ def check_output_file(output: str, suffixes: tuple[str, ...]) -> Path:
     return path
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+def add_training_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """The flags pretraining and fine-tuning share (each command sets its own defaults with
     ``parser.set_defaults``), every model family's own options, and ``--log-level``."""
     add = parser.add_argument
@@ -187,7 +187,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     add("--requeue", action="store_true",
         help="after stopping on --preempt-signal, requeue this Slurm job (scontrol requeue; submit with "
              "sbatch --requeue) so it starts again and continues with --resume auto")
-    add_family_arguments(parser)
+    add_family_arguments(parser, command)
 
 
 USER_ERRORS = (CheckpointError, DataError, NonFiniteLossError, ValueError, OSError)

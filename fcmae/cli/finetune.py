@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--val-data-path", "--val_data_path", default=None,
         help="validation ImageFolder tree or shards (default DATA/val; required with shards)")
     add("--finetune", default=None, help="pretrained weights (fcmae-convert output); omit for random init")
-    add_training_arguments(parser)
+    add_training_arguments(parser, "finetune")
     parser.set_defaults(output_dir="output/finetune", epochs=FINETUNE_RECIPE["epochs"], batch_size=64, blr=6.25e-4,
                         min_lr=1e-6)
     add("--layer-decay", "--layer_decay", type=number(float, 0, 1, low_open=True), default=1.0,

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
              "('/data/train-{000000..000127}.tar', 'pipe:CMD'); omit for the built-in demo photos")
     add("--mask-ratio", "--mask_ratio", type=number(float, 0, 1, low_open=True, high_open=True), default=0.6,
         help="fraction of 32-px patches removed, in (0, 1); every image keeps >= 1 visible and >= 1 removed patch")
-    add_training_arguments(parser)
+    add_training_arguments(parser, "pretrain")
     parser.set_defaults(output_dir="output", min_lr=0.0)
     add("--decoder-dim", "--decoder_dim", type=number(int, 1), default=512, help="decoder width")
     add("--decoder-depth", "--decoder_depth", type=NON_NEGATIVE_INT, default=1, help="decoder ConvNeXt V2 blocks")

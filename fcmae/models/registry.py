@@ -107,6 +107,7 @@ class FamilyOption:
     help: str
     choices: tuple[str, ...]
     to_kwargs: Callable[[str, str], dict[str, Any]]
+    commands: tuple[str, ...] = ("pretrain", "finetune")   # the commands that offer it
 
     @property
     def dest(self) -> str:
@@ -128,6 +129,9 @@ class EncoderFamily:
         timm_filter_fn: ``(dense_state, timm_model) -> timm_state``: official dense layout →
             timm's layout of the model of the same name; None where timm has no such model.
         options: the family's own command-line options.
+        supervised_loss: for a classifier whose training forward returns more than logits
+            (RevCol's intermediate supervision): ``(outputs, images, targets, criterion)`` →
+            the fine-tuning loss; None: ``criterion(logits, targets)``.
         sparse_encoder: False for families whose encoder runs masked-dense (the dense model
             re-masking after every spatial op), which run on the ``torch`` backend only.
         benchmark_variants: ``(device_type) -> {name: dense-model kwargs}``: configurations
@@ -143,6 +147,7 @@ class EncoderFamily:
     checkpoint_filter_fn: Callable[[StateDict, nn.Module], StateDict] = same_keys
     timm_filter_fn: Callable[[StateDict, nn.Module], StateDict] | None = None
     options: tuple[FamilyOption, ...] = field(default=())
+    supervised_loss: Callable[..., Tensor] | None = None
     sparse_encoder: bool = True
     benchmark_variants: Callable[[str], dict[str, dict[str, Any]]] = lambda device_type: {}
 
@@ -217,10 +222,13 @@ def masked_dense_encoder(model_class: Callable[..., nn.Module], backend: str = "
     return model_class(num_classes=0, **kwargs)
 
 
-def add_family_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every registered family's own options, each saying which family it belongs to."""
+def add_family_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Every registered family's own options that ``command`` (``"pretrain"``, ``"finetune"``)
+    offers, each saying which family it belongs to."""
     for family in list_families():
         for option in family.options:
+            if command not in option.commands:
+                continue
             parser.add_argument(option.flag, option.flag.replace("-", "_").replace("__", "--", 1),
                                 choices=option.choices, default=None,
                                 help=f"{family.name}_* models only: {option.help}")

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from .convnext import Block
@@ -34,7 +36,7 @@ from .layers import (
     stage_strides,
     trunc_normal_init,
 )
-from .registry import AnalysisPoint, EncoderFamily, masked_dense_encoder, register_family
+from .registry import AnalysisPoint, EncoderFamily, FamilyOption, masked_dense_encoder, register_family
 
 # name: (channels, blocks per level, columns)
 REVCOL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
@@ -240,8 +242,11 @@ class Decoder(nn.Module):
 
 def inter_supervision_loss(logits: Sequence[Tensor], reconstructions: Sequence[Tensor], imgs: Tensor,
                            targets: Tensor, mean: Sequence[float], std: Sequence[float],
-                           recon_weight: float = 3.0, cls_weight: float = 0.7) -> Tensor:
-    """RevCol's training loss with intermediate supervision.
+                           recon_weight: float = 3.0, cls_weight: float = 0.7,
+                           criterion: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> Tensor:
+    """RevCol's training loss with intermediate supervision (fine-tuning's loss for a RevCol
+    built with ``inter_supv``: ``fcmae-finetune --inter-supervision on``); ``criterion`` is the
+    run's classification loss (cross-entropy, label smoothing, or soft targets under mixup).
 
     For head k < last: ``recon_weight·(1 − k/n)·BCE(recon_k, image) + cls_weight·(k+1)/(n+1)·CE(logits_k)``
     with n = number of decoders (3) and the image de-normalised and clamped to [0.01, 0.99];
@@ -251,10 +256,10 @@ def inter_supervision_loss(logits: Sequence[Tensor], reconstructions: Sequence[T
     std_t = torch.tensor(std, device=imgs.device).view(1, 3, 1, 1)
     pixels = (imgs * std_t + mean_t).clamp(0.01, 0.99)
     count = len(reconstructions)
-    loss = F.cross_entropy(logits[-1], targets)
+    loss = criterion(logits[-1], targets)
     for k, recon in enumerate(reconstructions):
         loss = loss + recon_weight * (1 - k / count) * F.binary_cross_entropy_with_logits(recon, pixels)
-        loss = loss + cls_weight * (k + 1) / (count + 1) * F.cross_entropy(logits[k], targets)
+        loss = loss + cls_weight * (k + 1) / (count + 1) * criterion(logits[k], targets)
     return loss
 
 
@@ -323,11 +328,16 @@ class RevCol(nn.Module):
                     reconstructions.append(self.decoder_blocks[k // interval](columns[3]))
         return logits, reconstructions
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, num_visible: int | None = None) -> Tensor:
-        """Logits (B, num_classes); as FCMAE encoder, ``encoder(imgs, mask)`` → features
-        (``num_visible`` is not needed: every site is computed and re-masked)."""
+    def forward(self, x: Tensor, mask: Tensor | None = None,
+                num_visible: int | None = None) -> Tensor | tuple[list[Tensor], list[Tensor]]:
+        """Logits (B, num_classes); with ``inter_supv`` in training mode, :meth:`forward_inter`'s
+        (logits of every head, reconstructions) for :func:`inter_supervision_loss`. As FCMAE
+        encoder, ``encoder(imgs, mask)`` → features (``num_visible`` is not needed: every site
+        is computed and re-masked)."""
         if mask is not None:
             return self.forward_features(x, mask)
+        if self.inter_supv and self.training:
+            return self.forward_inter(x)
         if self.inter_supv:
             return self.cls_blocks[-1](self.forward_features(x))
         return self.cls(self.forward_features(x))
@@ -356,8 +366,25 @@ class RevCol(nn.Module):
         return set()
 
 
+def inter_supervision_kwargs(value: str, device_type: str) -> dict[str, Any]:
+    return {"inter_supv": value == "on"}
+
+
+def supervised_loss(outputs: tuple[list[Tensor], list[Tensor]], imgs: Tensor, targets: Tensor,
+                    criterion: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Fine-tuning's loss for the training forward of a RevCol with ``inter_supv`` (ImageNet-normalised images)."""
+    logits, reconstructions = outputs
+    return inter_supervision_loss(logits, reconstructions, imgs, targets, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                  criterion=criterion)
+
+
 register_family(EncoderFamily(
     name="revcol", sizes={size: dict(channels=channels, layers=layers, num_subnet=columns)
                           for size, (channels, layers, columns) in REVCOL_SIZES.items()},
+    options=(FamilyOption("--inter-supervision", "RevCol's intermediate supervision: a head after every quarter "
+                          "of the columns and reconstruction decoders after the first three, trained with "
+                          "inter_supervision_loss (official recipe); evaluation uses the last head",
+                          ("on", "off"), inter_supervision_kwargs, commands=("finetune",)),),
+    supervised_loss=supervised_loss,
     dense=RevCol, encoder=partial(masked_dense_encoder, RevCol), sparse_encoder=False,
     benchmark_variants=lambda device_type: {"masked-plain": {"reversible": False}}))   # ordinary autograd, for memory
