@@ -31,6 +31,14 @@ LAST = "checkpoint-last.pth"
 log = logging.getLogger(__name__)
 
 
+ENCODER_PREFIX = "encoder."   # an FCMAE state dict: encoder.*, proj.*, mask_token, decoder.*, pred.*
+
+
+def is_fcmae_state(state: dict[str, Any]) -> bool:
+    """True for the weights of a whole FCMAE (an ``encoder.*`` part), as pretraining saves them."""
+    return any(key.startswith(ENCODER_PREFIX) for key in state)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here (missing, corrupt, or of another model)."""
 
@@ -195,8 +203,7 @@ def check_compatible(model_state: dict[str, torch.Tensor], state: dict[str, torc
     found = {key: tuple(value.shape) for key, value in state.items()}
     if expected == found:
         return
-    is_fcmae = {kind: any(key.startswith("encoder.") for key in keys)
-                for kind, keys in (("expected", expected), ("found", found))}
+    is_fcmae = {"expected": is_fcmae_state(expected), "found": is_fcmae_state(found)}
     if is_fcmae["found"] and not is_fcmae["expected"]:
         raise CheckpointError(f"{str(path)!r} holds FCMAE pretraining weights, but this run trains a dense "
                               f"model: pass it as --finetune (converted on the fly), not --resume")

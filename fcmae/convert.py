@@ -10,17 +10,16 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_folder, atomic_save
-from .checkpoint import CheckpointError, save_safetensors
+from .checkpoint import ENCODER_PREFIX, CheckpointError, is_fcmae_state, save_safetensors
 from .masking import random_masks
 from .models import create_encoder, create_model, get_model_entry, list_models
 
-ENCODER_PREFIX = "encoder."
 FORMATS = ("official", "timm")
 
 
 def encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The ``encoder.*`` part of an FCMAE state dict, prefix removed (a bare encoder as is)."""
-    if any(key.startswith(ENCODER_PREFIX) for key in state):
+    if is_fcmae_state(state):
         return {key[len(ENCODER_PREFIX):]: value for key, value in state.items()
                 if key.startswith(ENCODER_PREFIX)}
     return dict(state)

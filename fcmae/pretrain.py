@@ -20,7 +20,7 @@ from .monitor import KnnMonitor, ReconstructionMonitor
 from .optim import param_groups
 from .reconstruction import reconstruction_grid
 from .run import check_device, model_kwargs, prepare_output, resolve_warmup, scale_lr, setup_run, start_training, train
-from .weights import init_from_fcmae
+from .weights import WeightsFile, init_from_fcmae, read_pretraining_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ckpt.CheckpointError(f"--init {args.init!r} is not a file")
 
 
-def read_init(path: str | None) -> dict | None:
-    """The ``--init`` checkpoint, read and its weights checked (finite) before any data."""
-    if path is None:
-        return None
-    checkpoint = ckpt.load_checkpoint(path)
-    ckpt.state_dict_of(checkpoint)
-    return checkpoint
+def read_init(path: str | None) -> WeightsFile | None:
+    """The ``--init`` weights, read and checked (pretraining weights, finite) before any data."""
+    return None if path is None else read_pretraining_weights(path, "--init")
 
 
 def run_pretraining(args: argparse.Namespace) -> tuple[Path, torch.nn.Module]:
@@ -85,7 +81,7 @@ def _pretrain(args: argparse.Namespace, world_size: int, device: torch.device, o
 
     def init_weights(model: torch.nn.Module) -> None:
         if init_checkpoint is not None:
-            loaded = init_from_fcmae(model, init_checkpoint, args.model, args.init)
+            loaded = init_from_fcmae(model, init_checkpoint, args.model)
             log.info(f"initialised from {args.init}: {loaded}; fresh optimizer and schedule")
 
     run = start_training(args, model, param_groups(model, args.weight_decay), device, betas=(0.9, 0.95),

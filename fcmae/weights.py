@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,17 @@ from .convert import (
     meta_model,
     timm_model,
 )
-from .models import create_model, get_model_entry, list_models
+from .models import create_encoder, create_model, get_model_entry, list_models
 
 RANDOM_PREFIX = "random:"
 
 
 def _shapes(state: dict[str, Tensor], skip: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in state.items() if not key.startswith(skip)}
+
+
+def _encoder_shapes(model_name: str) -> dict[str, tuple[int, ...]]:
+    return _shapes(meta_model(lambda: create_encoder(model_name)).state_dict())
 
 
 def infer_dense_model_name(state: dict[str, Tensor]) -> str:
@@ -97,35 +102,79 @@ def saved_mask_ratio(checkpoint: dict) -> float | None:
     return ratio if 0 < ratio < 1 else None
 
 
-def load_dense_state(source: str | os.PathLike,
-                     model_name: str | None = None) -> tuple[dict[str, Tensor], str, int | None]:
-    """(official-layout dense weights, model name, the image side they were trained at or None)
-    for any supported source."""
+@dataclass
+class WeightsFile:
+    """A weights file as every command reads it (:func:`read_weights`): what it holds, checked.
+
+    ``kind``: ``"fcmae"`` (a whole FCMAE: ``encoder.*`` and, usually, the decoder), ``"encoder"``
+    (a bare sparse encoder), ``"dense"`` (the official dense layout: converted, fine-tuned or
+    official weights) or ``"timm"`` (timm's layout, a file or an ``fcmae-convert --format timm``
+    folder). ``state`` is the file's tensors as they are; ``input_size`` the image side they
+    were trained at (None where the file does not say); ``settings`` the run's saved settings."""
+
+    source: str
+    kind: str
+    state: dict[str, Tensor]
+    model_name: str
+    input_size: int | None
+    settings: dict[str, Any]
+    checkpoint: dict[str, Any]
+
+    @property
+    def is_pretraining(self) -> bool:
+        return self.kind in ("fcmae", "encoder")
+
+    def dense_state(self) -> dict[str, Tensor]:
+        """The weights in the official dense layout (FCMAE encoders converted, timm mapped back)."""
+        if self.is_pretraining:
+            return encoder_to_dense(encoder_state(self.state), self.model_name)
+        if self.kind == "timm":
+            return timm_to_dense(self.state, self.model_name)
+        return self.state
+
+
+def read_weights(source: str | os.PathLike, model_name: str | None = None) -> WeightsFile:
+    """The one reader of weight files: a checkpoint (``.pth``/``.safetensors``) or a timm export
+    folder, read safely (``weights_only``), its tensors finite, its model found — ``model_name``
+    (``--model``) where given, which must then be what the file holds, else the file's own
+    ``model_name`` entry (checked), else inferred from the tensor shapes — and what kind of
+    weights it holds (see :class:`WeightsFile`)."""
     path = Path(source)
     folder = path if path.is_dir() else None
-    if folder is not None and (path / "model.safetensors").is_file():
-        path = path / "model.safetensors"
     checkpoint = ckpt.load_checkpoint(path)
-    input_size = trained_input_size(checkpoint, folder)
     state = ckpt.state_dict_of(checkpoint)
     named_by = "--model" if model_name else f"the file's model_name entry ({path})"
     model_name = model_name or saved_model_name(checkpoint, path)
-    if any(key.startswith(ENCODER_PREFIX) for key in state):
-        dense, name = convert_state(state, model_name, named_by=named_by)
-        return dense, name, input_size
+    found = WeightsFile(str(source), "", state, "", trained_input_size(checkpoint, folder),
+                        ckpt.saved_args(checkpoint), checkpoint)
+    if ckpt.is_fcmae_state(state):
+        _, found.model_name = convert_state(state, model_name, named_by=named_by)
+        found.kind = "fcmae"
+        return found
+    if model_name is not None and _encoder_shapes(model_name) == _shapes(state):   # a bare sparse encoder
+        found.model_name, found.kind = model_name, "encoder"
+        return found
     if model_name is None:
         try:
-            model_name = infer_model_name(encoder_state(state))      # a bare sparse encoder
-            return encoder_to_dense(state, model_name), model_name, input_size
+            found.model_name, found.kind = infer_model_name(state), "encoder"
+            return found
         except ckpt.CheckpointError:
             pass
         timm_names = [name for name in list_models() if get_model_entry(name).family.timm_filter_fn is not None
                       and in_timm_layout(state, name)]
         model_name = timm_names[0] if timm_names else infer_dense_model_name(state)
     get_model_entry(model_name)
-    if in_timm_layout(state, model_name):
-        return timm_to_dense(state, model_name), model_name, input_size
-    return state, model_name, input_size
+    found.model_name = model_name
+    found.kind = "timm" if in_timm_layout(state, model_name) else "dense"
+    return found
+
+
+def load_dense_state(source: str | os.PathLike,
+                     model_name: str | None = None) -> tuple[dict[str, Tensor], str, int | None]:
+    """(official-layout dense weights, model name, the image side they were trained at or None)
+    of any weights file (:func:`read_weights`)."""
+    found = read_weights(source, model_name)
+    return found.dense_state(), found.model_name, found.input_size
 
 
 def load_encoder(source: str | os.PathLike, model_name: str | None = None, seed: int = 0,
@@ -189,20 +238,36 @@ def load_fcmae(source: str | os.PathLike, model_name: str | None = None) -> tupl
     name, the settings the file records, each checked and None where it has no usable one:
     ``input_size``, ``mask_ratio``). Everything read from the file is checked like user input
     before a model is built from it."""
-    checkpoint = ckpt.load_checkpoint(source)
-    state = ckpt.state_dict_of(checkpoint)
-    if not any(key.startswith(ENCODER_PREFIX) for key in state) or "proj.weight" not in state:
-        raise ckpt.CheckpointError(f"{str(source)!r} holds no FCMAE encoder + decoder; pass a pretraining "
-                                   f"checkpoint (fcmae-pretrain's checkpoint-last.pth or an official FCMAE file)")
-    model_name = model_name or saved_model_name(checkpoint, source) or infer_model_name(encoder_state(state))
+    found = read_weights(source, model_name)
+    state = found.state
+    if found.kind != "fcmae" or "proj.weight" not in state:
+        raise ckpt.CheckpointError(f"{str(source)!r} holds {KIND_WORDS[found.kind]}, not an FCMAE encoder + decoder; "
+                                   f"pass a pretraining checkpoint (fcmae-pretrain's checkpoint-last.pth or an "
+                                   f"official FCMAE file)")
     decoder_dim, decoder_depth = decoder_shape(state, source)
-    norm_pix_loss = ckpt.saved_args(checkpoint).get("norm_pix_loss", True)
-    model = create_fcmae(model_name, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
+    norm_pix_loss = found.settings.get("norm_pix_loss", True)
+    model = create_fcmae(found.model_name, decoder_dim=decoder_dim, decoder_depth=decoder_depth,
                          norm_pix_loss=norm_pix_loss if isinstance(norm_pix_loss, bool) else True)
-    ckpt.check_compatible(model.state_dict(), state, model_name, checkpoint.get("model_name"), source)
+    ckpt.check_compatible(model.state_dict(), state, found.model_name, found.checkpoint.get("model_name"), source)
     model.load_state_dict(state)
-    settings = {"input_size": trained_input_size(checkpoint), "mask_ratio": saved_mask_ratio(checkpoint)}
-    return model.eval(), model_name, settings
+    settings = {"input_size": found.input_size, "mask_ratio": saved_mask_ratio(found.checkpoint)}
+    return model.eval(), found.model_name, settings
+
+
+KIND_WORDS = {"fcmae": "FCMAE pretraining weights", "encoder": "a bare sparse FCMAE encoder",
+              "dense": "dense (converted, fine-tuned or official) weights", "timm": "timm-layout weights"}
+
+
+def read_pretraining_weights(source: str | os.PathLike, command: str, model_name: str | None = None) -> WeightsFile:
+    """:func:`read_weights` for a command that needs pretraining weights (an FCMAE or its
+    sparse encoder: ``--init``, ``fcmae-convert``); dense or timm weights are refused, saying
+    where they go instead."""
+    found = read_weights(source, model_name)
+    if not found.is_pretraining:
+        raise ckpt.CheckpointError(f"{str(source)!r} holds {KIND_WORDS[found.kind]}, not an FCMAE checkpoint: "
+                                   f"{command} takes fcmae-pretrain's checkpoint or an official FCMAE file; dense "
+                                   f"weights are for fcmae-finetune --finetune, fcmae-knn and fcmae-analyze")
+    return found
 
 
 MAX_DECODER_DIM, MAX_DECODER_DEPTH = 8192, 64
@@ -223,35 +288,25 @@ def decoder_shape(state: dict[str, Tensor], source: str | os.PathLike) -> tuple[
     return proj.shape[0], len(blocks)
 
 
-def init_from_fcmae(model: nn.Module, checkpoint: dict[str, Any], model_name: str, path: str | os.PathLike) -> str:
-    """Load the weights of an FCMAE ``checkpoint`` (read from ``path`` with
-    :func:`load_checkpoint`, before any data; ours or the official ConvNeXt-V2 layout) into the
-    FCMAE ``model`` to continue pretraining: encoder and decoder where the file has both, the
-    encoder alone for a decoder-less file. Optimizer, schedule and step start fresh.
+def init_from_fcmae(model: nn.Module, weights: WeightsFile, model_name: str) -> str:
+    """Load pretraining ``weights`` (:func:`read_pretraining_weights`, read before any data;
+    ours or the official ConvNeXt-V2 layout) into the FCMAE ``model`` to continue pretraining:
+    encoder and decoder where the file has both, the encoder alone for a decoder-less file.
+    Optimizer, schedule and step start fresh.
 
     Returns what was loaded, in words; raises :class:`CheckpointError` for another model."""
-    state = ckpt.state_dict_of(checkpoint)
-    encoder = encoder_state(state)
-    try:
-        inferred = infer_model_name(encoder)
-    except ckpt.CheckpointError:
-        inferred = None
-    if inferred is None and not any(key.startswith(ENCODER_PREFIX) for key in state):
-        raise ckpt.CheckpointError(f"{str(path)!r} holds dense (converted, timm or fine-tuned) weights, not an FCMAE "
-                              f"checkpoint: --init continues pretraining from fcmae-pretrain's checkpoint or an "
-                              f"official FCMAE file; dense weights are for fcmae-finetune --finetune")
-    saved_name = checkpoint.get("model_name") if isinstance(checkpoint.get("model_name"), str) else inferred
-    ckpt.check_compatible(model.encoder.state_dict(), encoder, model_name, saved_name, path)
-    decoder = {key: value for key, value in state.items() if not key.startswith(ENCODER_PREFIX)}
-    if not any(key.startswith(ENCODER_PREFIX) for key in state) or not decoder:
+    encoder = encoder_state(weights.state)
+    ckpt.check_compatible(model.encoder.state_dict(), encoder, model_name, weights.model_name, weights.source)
+    decoder = {key: value for key, value in weights.state.items() if not key.startswith(ENCODER_PREFIX)}
+    if weights.kind == "encoder" or not decoder:
         model.encoder.load_state_dict(encoder)
         return "encoder only (the file has no decoder; the decoder starts fresh)"
     own_decoder = {key: value for key, value in model.state_dict().items()
                    if not key.startswith(ENCODER_PREFIX)}
     if {k: v.shape for k, v in own_decoder.items()} != {k: v.shape for k, v in decoder.items()}:
-        raise ckpt.CheckpointError(f"the decoder in {str(path)!r} ({_decoder_size(decoder)}) differs from this "
-                              f"run's ({_decoder_size(own_decoder)}); pass matching --decoder-dim/--decoder-depth")
-    model.load_state_dict(state)
+        raise ckpt.CheckpointError(f"the decoder in {weights.source!r} ({_decoder_size(decoder)}) differs from this "
+                                   f"run's ({_decoder_size(own_decoder)}); pass matching --decoder-dim/--decoder-depth")
+    model.load_state_dict(weights.state)
     return "encoder and decoder"
 
 

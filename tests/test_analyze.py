@@ -190,7 +190,7 @@ def test_visualize_writes_the_four_rows_for_an_fcmae_checkpoint(fcmae_files, tmp
 def test_visualize_refuses_weights_without_a_decoder(fcmae_files, tmp_path, capsys):
     folder, _ = fcmae_files
     assert exit_code(visualize_main, [folder / "dense.pth", "-o", tmp_path / "recon.png"]) == 2
-    assert "holds no FCMAE encoder + decoder" in capsys.readouterr().err
+    assert "holds dense (converted, fine-tuned or official) weights, not an FCMAE encoder" in capsys.readouterr().err
     assert not (tmp_path / "recon.png").exists()
 
 

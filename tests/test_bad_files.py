@@ -239,7 +239,7 @@ def test_init_with_dense_weights_says_so(tmp_path, capsys):
     torch.save({"model": fcmae.create_model("convnextv2_atto").state_dict()}, tmp_path / "dense.pth")
     code = exit_code(pretrain.main, PRETRAIN + ["--output-dir", tmp_path / "out", "--init", tmp_path / "dense.pth"])
     err = capsys.readouterr().err
-    assert code == 2 and "holds dense (converted, timm or fine-tuned) weights, not an FCMAE checkpoint" in err, err
+    assert code == 2 and "holds dense (converted, fine-tuned or official) weights, not an FCMAE checkpoint" in err, err
 
 
 def test_a_folder_that_is_not_an_export_is_named_as_a_folder(tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 import fcmae
 from fcmae.checkpoint import CheckpointError, load_checkpoint
 from fcmae.cli.pretrain import main
-from fcmae.weights import init_from_fcmae
+from fcmae.weights import init_from_fcmae, read_pretraining_weights
 
 from .helpers import randomize_
 
@@ -62,7 +62,7 @@ def official_fcmae_file(tmp_path_factory):
 def test_init_loads_official_layout_encoder_and_decoder(official_fcmae_file):
     path, dense, decoder = official_fcmae_file
     model = fcmae.create_fcmae("convnextv2_atto", decoder_dim=32).eval()
-    assert init_from_fcmae(model, load_checkpoint(path), "convnextv2_atto", path) == "encoder and decoder"
+    assert init_from_fcmae(model, read_pretraining_weights(path, "--init"), "convnextv2_atto") == "encoder and decoder"
     imgs = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.encoder(imgs, torch.zeros(2, 4)), dense.forward_features(imgs),
@@ -105,8 +105,8 @@ def test_decoder_less_file_initialises_the_encoder_only(official_fcmae_file, tmp
     model = fcmae.create_fcmae("convnextv2_atto", decoder_dim=32)
     fresh_decoder = {key: value.clone() for key, value in model.state_dict().items()
                      if not key.startswith("encoder.")}
-    assert init_from_fcmae(model, load_checkpoint(tmp_path / "encoder.pth"), "convnextv2_atto",
-                           tmp_path / "encoder.pth").startswith("encoder only")
+    assert init_from_fcmae(model, read_pretraining_weights(tmp_path / "encoder.pth", "--init"),
+                           "convnextv2_atto").startswith("encoder only")
     state = model.state_dict()
     assert all(torch.equal(state[key], value) for key, value in encoder_only.items())
     assert all(torch.equal(state[key], value) for key, value in fresh_decoder.items())
@@ -132,5 +132,4 @@ def test_another_size_or_decoder_is_a_one_line_error(official_fcmae_file, tmp_pa
 def test_init_refuses_a_file_without_fcmae_weights(tmp_path):
     torch.save({"model": {"something.weight": torch.zeros(2)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError):
-        init_from_fcmae(fcmae.create_fcmae("convnextv2_atto"), load_checkpoint(tmp_path / "other.pth"),
-                        "convnextv2_atto", tmp_path / "other.pth")
+        read_pretraining_weights(tmp_path / "other.pth", "--init")

@@ -8,8 +8,8 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from .. import checkpoint as ckpt
 from ..convert import FORMATS, TIMM_FOLDER_FILES, convert_state, is_export_folder, save_converted, verify
+from ..weights import read_pretraining_weights
 from . import NON_NEGATIVE, cli_main, new_parser
 
 log = logging.getLogger("fcmae.cli")
@@ -54,9 +54,9 @@ def check_output(output: Path, checkpoint: Path, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     check_output(output, Path(args.checkpoint), args.force)
-    source = ckpt.load_checkpoint(args.checkpoint)
-    sparse_state = ckpt.state_dict_of(source)
-    dense_state, model_name = convert_state(sparse_state, args.model, args.format)
+    found = read_pretraining_weights(args.checkpoint, "fcmae-convert", args.model)
+    sparse_state = found.state
+    dense_state, model_name = convert_state(sparse_state, found.model_name, args.format)
     max_diff = None
     if args.verify:
         max_diff = verify(sparse_state, dense_state, model_name, args.format)
@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
             log.error(f"fcmae-convert: error: verification failed ({max_diff:.3g} > {args.tolerance:g}); "
                       f"nothing written")
             return 1
-    input_size = int(ckpt.saved_args(source).get("input_size") or 224)
-    written = save_converted(dense_state, model_name, args.format, output, input_size)
+    written = save_converted(dense_state, model_name, args.format, output, found.input_size or 224)
     log.info(f"wrote {model_name} encoder weights ({len(dense_state)} tensors) to {output}: {written}")
     return 0
 
