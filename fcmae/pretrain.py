@@ -44,8 +44,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Checks that need no data: mask ratio vs input size, family options on this device, --init."""
     check_pretraining_masks(args.input_size, 32, args.mask_ratio)
     model_kwargs(args, check_device(args.device))   # refuses another family's option or a bad value
-    if args.init and not Path(args.init).is_file():
-        raise ckpt.CheckpointError(f"--init {args.init!r} is not a file")
+    if args.init and not Path(args.init).exists():
+        raise ckpt.CheckpointError(f"--init {args.init!r} does not exist")
 
 
 def read_init(path: str | None) -> WeightsFile | None:

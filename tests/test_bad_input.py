@@ -29,7 +29,7 @@ CASES = [  # (command, arguments, what the error line must say: |-separated part
     ("pretrain", ["--input-size", "-32"], "--input-size|must be a finite whole number >= 32"),
     ("pretrain", ["--input-size", "100"], "not a multiple of the patch size"),
     ("pretrain", ["--seed", "-3"], "--seed"),
-    ("pretrain", ["--init", "missing.pth"], "is not a file"),
+    ("pretrain", ["--init", "missing.pth"], "does not exist"),
     ("pretrain", ["--model", "convnextv2_giant"], "unknown model 'convnextv2_giant'"),
     ("pretrain", ["--backend", "nope"], "unknown sparse backend 'nope'"),
     ("pretrain", ["--data-path", "does/not/exist"], "is not a directory"),

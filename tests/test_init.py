@@ -118,7 +118,7 @@ def test_another_size_or_decoder_is_a_one_line_error(official_fcmae_file, tmp_pa
     torch.save({"model": fcmae.create_fcmae("convnextv2_femto", decoder_dim=32).state_dict()}, femto)
     for source, extra, message in ((femto, [], "'convnextv2_femto'"),
                                    (path, ["--decoder-dim", "64"], "--decoder-dim"),
-                                   (tmp_path / "missing.pth", [], "is not a file")):
+                                   (tmp_path / "missing.pth", [], "does not exist")):
         out = tmp_path / "out"
         with pytest.raises(SystemExit) as exit_:
             main(QUICK + extra + ["--init", str(source), "--output-dir", str(out)])
