@@ -3,8 +3,11 @@ layout) and timm's. Each family's key maps live beside its model (its ``checkpoi
 and ``timm_filter_fn``); this module only applies them."""
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
@@ -39,12 +42,20 @@ def timm_model(model_name: str, **kwargs) -> nn.Module:
     return timm.create_model(model_name, pretrained=False, **kwargs)
 
 
+@functools.cache
+def model_shapes(model_name: str, part: str) -> Mapping[str, tuple[int, ...]]:
+    """Keys and shapes of ``model_name``'s ``part``: ``"dense"`` (the classifier), ``"encoder"``
+    (the sparse FCMAE encoder) or ``"timm"`` (timm's model); built once, on the meta device."""
+    build = {"dense": create_model, "encoder": create_encoder, "timm": timm_model}[part]
+    state = meta_model(lambda: build(model_name)).state_dict()
+    return MappingProxyType({key: tuple(value.shape) for key, value in state.items()})
+
+
 def in_timm_layout(state: dict[str, Tensor], model_name: str) -> bool:
     """True when ``state`` holds timm's keys for ``model_name`` rather than the official ones."""
     if get_model_entry(model_name).family.timm_filter_fn is None:
         return False
-    official = meta_model(lambda: create_model(model_name)).state_dict().keys()
-    timm_keys = meta_model(lambda: timm_model(model_name)).state_dict().keys()
+    official, timm_keys = model_shapes(model_name, "dense").keys(), model_shapes(model_name, "timm").keys()
     return bool(state) and not state.keys() <= official and state.keys() <= timm_keys
 
 
@@ -68,9 +79,7 @@ def infer_model_name(encoder: dict[str, Tensor]) -> str:
     """The registered model whose sparse encoder has exactly these keys and shapes."""
     found = {key: tuple(value.shape) for key, value in encoder.items()}
     for name in list_models():
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in create_encoder(name).state_dict().items()}
-        if expected == found:
+        if model_shapes(name, "encoder") == found:
             return name
     raise CheckpointError(f"the checkpoint's encoder ({len(found)} tensors) matches no known model "
                           f"({', '.join(list_models())}); is it an FCMAE checkpoint?")

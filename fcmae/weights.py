@@ -8,6 +8,7 @@ from the file or inferred from its tensor shapes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ from .convert import (
     in_timm_layout,
     infer_model_name,
     meta_model,
+    model_shapes,
     timm_model,
 )
-from .models import create_encoder, create_model, get_model_entry, list_models
+from .models import create_model, get_model_entry, list_models
 
 RANDOM_PREFIX = "random:"
 
@@ -38,15 +40,17 @@ def _shapes(state: dict[str, Tensor], skip: tuple[str, ...] = ()) -> dict[str, t
     return {key: tuple(value.shape) for key, value in state.items() if not key.startswith(skip)}
 
 
-def _encoder_shapes(model_name: str) -> dict[str, tuple[int, ...]]:
-    return _shapes(meta_model(lambda: create_encoder(model_name)).state_dict())
+@functools.cache
+def _head_prefixes(model_name: str) -> tuple[str, ...]:
+    return meta_model(lambda: create_model(model_name)).head_prefixes
 
 
 def infer_dense_model_name(state: dict[str, Tensor]) -> str:
     """The registered model whose dense network (head aside) has exactly these tensors."""
     for name in list_models():
-        model = meta_model(lambda name=name: create_model(name))
-        if _shapes(model.state_dict(), model.head_prefixes) == _shapes(state, model.head_prefixes):
+        head = _head_prefixes(name)
+        if {key: shape for key, shape in model_shapes(name, "dense").items() if not key.startswith(head)} == \
+                _shapes(state, head):
             return name
     raise ckpt.CheckpointError(f"the weights ({len(state)} tensors) fit no known model's encoder or dense "
                                f"network ({', '.join(list_models())})")
@@ -151,7 +155,7 @@ def read_weights(source: str | os.PathLike, model_name: str | None = None) -> We
         _, found.model_name = convert_state(state, model_name, named_by=named_by)
         found.kind = "fcmae"
         return found
-    if model_name is not None and _encoder_shapes(model_name) == _shapes(state):   # a bare sparse encoder
+    if model_name is not None and model_shapes(model_name, "encoder") == _shapes(state):   # a bare sparse encoder
         found.model_name, found.kind = model_name, "encoder"
         return found
     if model_name is None:
