@@ -1,14 +1,18 @@
-"""ConvNeXt (V1): the dense classifier and the sparse FCMAE encoder — the no-GRN baseline of
-the ConvNeXt V2 paper's feature-collapse study.
+"""ConvNeXt: the network both ConvNeXt families share — the dense classifier and the sparse
+FCMAE encoder, built from a block — with the V1 block (LayerScale ``gamma``, init 1e-6, no
+GRN), the sizes of both families (stated once), and the conversions to the dense and timm
+layouts. ConvNeXt V2 (:mod:`.convnextv2`) changes only the block: GRN, no LayerScale.
 
-The network is ConvNeXt V2's (stem, stages, downsampling, head: :mod:`.convnextv2`) with the
-V1 block: no GRN; the MLP output is scaled per channel by LayerScale ``gamma`` (init 1e-6).
-The dense model follows the official V1 key layout (``downsample_layers``, ``stages.i.j.
-{dwconv, norm, pwconv1, pwconv2, gamma}``, ``norm``, ``head``); the sparse encoder has the
-same keys in the FCMAE sparse layout (``dwconv.kernel``, ``norm.ln.*``, ``pwconv1.linear.*``).
-Sizes are timm's ``convnext_*``; converted weights load into timm.
+The dense model follows the official key layout (``downsample_layers``, ``stages.i.j.{dwconv,
+norm, pwconv1, pwconv2, gamma|grn}``, ``norm``, ``head``); the sparse encoder has the same keys
+in the FCMAE sparse layout (``dwconv.kernel``, ``norm.ln.*``, ``pwconv1.linear.*``) and loads
+the ``encoder.*`` part of official FCMAE checkpoints strictly, whatever ``sparse_ops`` backend
+runs it. Sizes are timm's ``convnext_*`` / ``convnextv2_*``; converted weights load into timm.
 """
 from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
 
 import torch
 from timm.layers import DropPath
@@ -16,13 +20,25 @@ from torch import Tensor, nn
 
 import sparse_ops
 import sparse_ops.nn as snn
+from sparse_ops.layout import sparse_to_dense_state_dict
 
-from .convnextv2 import ConvNeXtV2, SparseConvNeXtV2, checkpoint_filter_fn, timm_filter_fn
-from .layers import apply_keep
-from .registry import EncoderFamily, register_family
+from ..masking import visible_sites
+from .layers import (
+    STEM_STRIDE,
+    BlockSequence,
+    GradCheckpointing,
+    LayerNorm2d,
+    apply_keep,
+    drop_path_rates,
+    scale_head_init,
+    stage_keeps,
+    stage_strides,
+    trunc_normal_init,
+)
+from .registry import AnalysisPoint, EncoderFamily, StateDict, register_family
 
-# name: (depths, dims), as timm registers them (tiny … xlarge are the official sizes)
-CONVNEXT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+# size: (depths, dims), for both families (timm's convnext_* and convnextv2_* sizes)
+CONVNEXT_SHAPES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
     "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
     "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
@@ -32,7 +48,53 @@ CONVNEXT_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
     "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
     "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
+# the sizes ConvNeXt V1 is registered in (tiny … xlarge are the official ones)
+CONVNEXT_SIZES = {size: CONVNEXT_SHAPES[size] for size in
+                  ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "xlarge")}
+
+
+def stem(in_chans: int, dim: int) -> nn.Sequential:
+    """Patchify stem: Conv 4×4/4 + LayerNorm (``downsample_layers.0``)."""
+    return nn.Sequential(nn.Conv2d(in_chans, dim, kernel_size=STEM_STRIDE, stride=STEM_STRIDE),
+                         LayerNorm2d(dim, eps=1e-6))
+
+
+def downsample_layers(in_chans: int, dims: Sequence[int], norm: Callable[..., nn.Module],
+                      conv: Callable[..., nn.Module]) -> nn.ModuleList:
+    """The stem, then per later stage ``norm(C_in)`` + ``conv(C_in, C_out, 2, 2)`` (dense or sparse layers)."""
+    layers = [stem(in_chans, dims[0])]
+    layers += [nn.Sequential(norm(dims[i - 1], eps=1e-6), conv(dims[i - 1], dims[i], 2, 2))
+               for i in range(1, len(dims))]
+    return nn.ModuleList(layers)
+
+
+def stages(block: Callable[..., nn.Module], depths: Sequence[int], dims: Sequence[int], drop_path_rate: float,
+           **block_kwargs) -> nn.ModuleList:
+    """One :class:`BlockSequence` of ``block(dim, drop_path, **block_kwargs)`` per stage."""
+    return nn.ModuleList(BlockSequence(*[block(dim, rate, **block_kwargs) for rate in rates])
+                         for dim, rates in zip(dims, drop_path_rates(depths, drop_path_rate)))
+
+
+class ConvNeXtShape:
+    """Sizes every ConvNeXt model (dense or sparse, V1 or V2) exposes through the family contract."""
+
+    def _set_shape(self, depths: Sequence[int], dims: Sequence[int]) -> None:
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.num_features = dims[-1]
+        self.feature_strides = stage_strides(len(dims))
+        self.patch_size = self.feature_strides[-1]
+
+    def analysis_points(self) -> list[AnalysisPoint]:
+        """Every block, ``stages.{i}.{j}``; its expansion activation is the input of ``pwconv2``."""
+        return [AnalysisPoint(f"stages.{i}.{j}", i, block, block.pwconv2)
+                for i, stage in enumerate(self.stages) for j, block in enumerate(stage)]
+
+    def no_weight_decay(self) -> set[str]:
+        """GRN's (1, 1, 1, C) gamma/beta are not decayed (the official recipe); all else with
+        more than one dimension is."""
+        return {name for name, _ in self.named_parameters() if ".grn." in name}
 
 
 class Block(nn.Module):
@@ -63,7 +125,7 @@ class Block(nn.Module):
 
 
 class SparseBlock(nn.Module):
-    """The ConvNeXt V1 block on a :class:`sparse_ops.SparseImage`."""
+    """The V1 block on a :class:`sparse_ops.SparseImage`."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 7,
                  layer_scale_init_value: float = 1e-6) -> None:
@@ -81,17 +143,158 @@ class SparseBlock(nn.Module):
         return snn.add(x, self.drop_path(out.replace(out.features * self.gamma)))
 
 
-class ConvNeXt(ConvNeXtV2):
-    """Dense ConvNeXt V1 classifier (official V1 layout); ``forward_features(x, mask)`` with a
-    patch mask is the masked-dense FCMAE reference."""
+class ConvNeXt(ConvNeXtShape, GradCheckpointing, nn.Module):
+    """Dense ConvNeXt classifier (official key layout), V1 with its :class:`Block`.
 
-    block = Block
+    ``forward_features(x, mask)`` with a patch mask is the masked-dense FCMAE reference.
+    ``block`` is the one thing ConvNeXt V2 changes (:mod:`.convnextv2`: GRN, no LayerScale);
+    extra keyword arguments go to it.
+    """
+
+    block: Callable[..., nn.Module] = Block
+    head_prefixes = ("norm.", "head.")  # not part of an FCMAE encoder; fine-tuning starts them fresh
+
+    def __init__(self, depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
+                 in_chans: int = 3, num_classes: int = 1000, drop_path_rate: float = 0.0,
+                 head_init_scale: float = 1.0, kernel_size: int = 7, **block_kwargs) -> None:
+        super().__init__()
+        self._set_shape(depths, dims)
+        self.downsample_layers = downsample_layers(in_chans, dims, LayerNorm2d, nn.Conv2d)
+        self.stages = stages(self.block, depths, dims, drop_path_rate, kernel_size=kernel_size, **block_kwargs)
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(trunc_normal_init)
+        scale_head_init([self.head] if num_classes > 0 else [], head_init_scale)
+
+    def num_layers(self, decay_type: str = "single") -> int:
+        """Depth used by layer-wise lr decay: one id per block ('single') or 12 groups ('group')."""
+        return sum(self.depths) if decay_type == "single" else 12
+
+    def layer_id(self, param_name: str, decay_type: str = "single") -> int:
+        """Layer-wise lr decay id of a parameter (0 = stem … num_layers + 1 = norm/head).
+
+        'single': every block its own id, a downsample layer shares the id of the first block
+        after it. 'group' (official recipe for base/large, depths 3,3,27,3): twelve groups —
+        stage 0 → 1, stage 1 → 2, stage 2 in runs of three blocks → 3…11, stage 3 → 12; a
+        downsample layer joins the first group of its stage (the stem: 0).
+        """
+        parts = param_name.split(".")
+        if parts[0] not in ("downsample_layers", "stages"):
+            return self.num_layers(decay_type) + 1
+        stage = int(parts[1])
+        if decay_type == "single":
+            block = int(parts[2]) if parts[0] == "stages" else 0
+            return sum(self.depths[:stage]) + block + 1
+        if parts[0] == "downsample_layers" and stage == 0:
+            return 0
+        block = int(parts[2]) if parts[0] == "stages" else 0
+        return (1, 2, 3 + block // 3, 12)[stage]
+
+    def forward_stages(self, x: Tensor, mask: Tensor | None = None) -> list[Tensor]:
+        """(B, 3, H, W) → every stage's output (B, C_i, H/s_i, W/s_i). ``mask`` (B, L): 1 = removed patch."""
+        keeps = stage_keeps(mask, x, self.feature_strides, channel_dim=1)
+        outputs = []
+        for downsample, stage, keep in zip(self.downsample_layers, self.stages, keeps):
+            x = apply_keep(downsample(x), keep)
+            x = stage(x, keep)
+            outputs.append(x)
+        return outputs
+
+    def forward_features(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, 3, H, W) → (B, C_last, H/32, W/32). ``mask`` (B, L): 1 = removed patch."""
+        return self.forward_stages(x, mask)[-1]
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """(B, C, h, w) → (B, num_classes): global average pool → LayerNorm → Linear."""
+        return self.head(self.norm(features.mean(dim=(-2, -1))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
-class SparseConvNeXt(SparseConvNeXtV2):
-    """FCMAE encoder with the V1 block: only visible sites are computed."""
+class SparseConvNeXt(ConvNeXtShape, GradCheckpointing, nn.Module):
+    """FCMAE encoder: dense stem, then only visible sites are computed.
 
-    block = SparseBlock
+    ``forward(imgs, mask, num_visible=None)``: imgs (B, 3, H, W), mask (B, L) with 1 =
+    removed patch → (B, C_last, H/32, W/32) features, zero at removed patches. ``num_visible``
+    (patches kept per image, when the caller knows it) keeps every shape static. Keys match the ``encoder.*``
+    part of official FCMAE checkpoints (no final norm, no head). ``block`` as in
+    :class:`ConvNeXt`.
+    """
+
+    block: Callable[..., nn.Module] = SparseBlock
+
+    def __init__(self, depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
+                 in_chans: int = 3, drop_path_rate: float = 0.0, kernel_size: int = 7,
+                 backend: str = "torch", **block_kwargs) -> None:
+        super().__init__()
+        sparse_ops.get_backend(backend)  # fail early on an unknown or missing backend
+        self.backend = backend
+        self._set_shape(depths, dims)
+        self.downsample_layers = downsample_layers(in_chans, dims, snn.LayerNorm, snn.Conv2d)
+        self.stages = stages(self.block, depths, dims, drop_path_rate, kernel_size=kernel_size, **block_kwargs)
+        self.apply(trunc_normal_init)
+
+    def forward(self, imgs: Tensor, mask: Tensor, num_visible: int | None = None) -> Tensor:
+        stem_out = self.downsample_layers[0](imgs)                         # (B, C0, H/4, W/4)
+        (sites,) = visible_sites(mask, imgs.shape[-2:], self.patch_size, [STEM_STRIDE], num_visible)
+        x = sparse_ops.SparseImage.at_sites(stem_out, sites, self.backend)
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                x = self.downsample_layers[i](x)
+            x = stage(x)
+        return x.dense()                                                   # (B, C, h, w)
+
+
+def checkpoint_filter_fn(state: StateDict, model: nn.Module) -> StateDict:
+    """FCMAE encoder weights (sparse layers, official MinkowskiEngine layout) → ``model``'s
+    dense layout (official): sparse kernels become conv weights, sparse-layer wrappers drop
+    out of the keys (:func:`sparse_ops.layout.sparse_to_dense_state_dict`), and (1, C) biases
+    and GRN parameters take the dense model's shapes. Shared by ConvNeXt V1 and V2."""
+    dense = sparse_to_dense_state_dict(state)
+    target = model.state_dict()
+    return {key: _reshaped_like(value, target.get(key)) for key, value in dense.items()}
+
+
+# Official dense key → timm key, applied in order (first match wins), then block-level renames.
+_TIMM_RULES: tuple[tuple[str, str], ...] = (
+    (r"^downsample_layers\.0\.", "stem."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^head\.", "head.fc."),
+    (r"^norm\.", "head.norm."),
+)
+_TIMM_BLOCK_RULES: tuple[tuple[str, str], ...] = (
+    (r"\.dwconv\.", ".conv_dw."),
+    (r"\.pwconv1\.", ".mlp.fc1."),
+    (r"\.pwconv2\.", ".mlp.fc2."),
+    (r"\.grn\.gamma$", ".mlp.grn.weight"),
+    (r"\.grn\.beta$", ".mlp.grn.bias"),
+)
+
+
+def timm_filter_fn(dense: StateDict, timm_model: nn.Module) -> StateDict:
+    """Official dense ConvNeXt (V1 or V2) keys → timm ``convnext_*``/``convnextv2_*`` keys,
+    each tensor in the shape ``timm_model`` has (small sizes keep the MLP as 1×1 convs there,
+    GRN parameters are (C,))."""
+    target = timm_model.state_dict()
+    timm_state: StateDict = {}
+    for key, value in dense.items():
+        for pattern, replacement in _TIMM_RULES:
+            new_key = re.sub(pattern, replacement, key)
+            if new_key != key:
+                key = new_key
+                break
+        for pattern, replacement in _TIMM_BLOCK_RULES:
+            key = re.sub(pattern, replacement, key)
+        timm_state[key] = _reshaped_like(value, target.get(key))
+    return timm_state
+
+
+def _reshaped_like(value: Tensor, reference: Tensor | None) -> Tensor:
+    """``value`` in ``reference``'s shape where both hold as many numbers (a classifier of
+    another class count stays as it is, for the loader to report)."""
+    return value.reshape(reference.shape) if reference is not None and value.numel() == reference.numel() else value
 
 
 register_family(EncoderFamily(

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from .convnext import Block
-from .convnextv2 import stem
+from .convnext import Block, stem
 from .layers import (
     STEM_STRIDE,
     BlockSequence,
