@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from .autoencoder import FCMAE, create_fcmae
 from .models import create_encoder, create_model, list_models
+from .timm_hub import register_with_timm
+
+register_with_timm()   # timm.create_model knows InternImage and RevCol from here on
 
 __version__ = "0.1.0"
 

@@ -28,6 +28,7 @@ from .layers import (
     BlockSequence,
     GradCheckpointing,
     LayerNorm2d,
+    TimmFeatures,
     apply_keep,
     drop_path_rates,
     scale_head_init,
@@ -82,6 +83,7 @@ class ConvNeXtShape:
 
     def _set_shape(self, depths: Sequence[int], dims: Sequence[int]) -> None:
         self.depths, self.dims = tuple(depths), tuple(dims)
+        self.stage_channels = tuple(dims)
         self.num_features = dims[-1]
         self.feature_strides = stage_strides(len(dims))
         self.patch_size = self.feature_strides[-1]
@@ -143,7 +145,7 @@ class SparseBlock(nn.Module):
         return snn.add(x, self.drop_path(out.replace(out.features * self.gamma)))
 
 
-class ConvNeXt(ConvNeXtShape, GradCheckpointing, nn.Module):
+class ConvNeXt(ConvNeXtShape, TimmFeatures, GradCheckpointing, nn.Module):
     """Dense ConvNeXt classifier (official key layout), V1 with its :class:`Block`.
 
     ``forward_features(x, mask)`` with a patch mask is the masked-dense FCMAE reference.

@@ -32,6 +32,7 @@ from ..masking import keep_maps, visible_count, visible_sites
 from .dcnv3 import DCNV3_IMPLS, DEFAULT_DCNV3_IMPL, DCNv3, DenseGrid, Grid, PackedGrid, available_impls, layer_norm
 from .layers import (
     GradCheckpointing,
+    TimmFeatures,
     drop_path_rates,
     run_block,
     scale_head_init,
@@ -193,7 +194,7 @@ class StemEmbed(nn.Module):
         return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
 
 
-class InternImage(GradCheckpointing, nn.Module):
+class InternImage(TimmFeatures, GradCheckpointing, nn.Module):
     """InternImage T–XL classifier (official key layout); ``forward_features(x, mask)``
     with a patch mask is the masked FCMAE encoder."""
 
@@ -209,7 +210,8 @@ class InternImage(GradCheckpointing, nn.Module):
         super().__init__()
         self.packed_masked = packed_masked
         self.depths = tuple(depths)
-        self.num_features = channels * 2 ** (len(depths) - 1)
+        self.stage_channels = tuple(channels * 2 ** level for level in range(len(depths)))
+        self.num_features = self.stage_channels[-1]
         self.feature_strides = stage_strides(len(depths))
         self.patch_size = self.feature_strides[-1]
         self.patch_embed = StemEmbed(in_chans, channels)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -131,3 +132,26 @@ def enable_grad_checkpointing(model: nn.Module, model_name: str) -> None:
     if not isinstance(model, GradCheckpointing):
         raise ValueError(f"--grad-checkpointing is not supported by {model_name}")
     model.set_grad_checkpointing()
+
+
+class TimmFeatures:
+    """What timm's feature getter (``timm.create_model(..., features_only=True)``) needs from a
+    dense model with ``forward_stages``, ``stage_channels`` and ``feature_strides``:
+    ``feature_info`` and ``forward_intermediates``."""
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        return [dict(num_chs=channels, reduction=stride, module=f"stage{index}")
+                for index, (channels, stride) in enumerate(zip(self.stage_channels, self.feature_strides))]
+
+    def forward_intermediates(self, x: Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's interface: the stage outputs (B, C_i, H/s_i, W/s_i) picked by ``indices`` (the
+        last n, or a list), and with ``intermediates_only=False`` the final features first."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}: only NCHW")
+        stages = self.forward_stages(x)
+        take, _ = feature_take_indices(len(stages), indices)
+        intermediates = [stages[index] for index in take]
+        return intermediates if intermediates_only else (stages[-1], intermediates)

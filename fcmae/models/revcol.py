@@ -28,6 +28,7 @@ from .layers import (
     STEM_STRIDE,
     BlockSequence,
     LayerNorm2d,
+    TimmFeatures,
     apply_keep,
     drop_path_rates,
     scale_head_init,
@@ -262,7 +263,7 @@ def inter_supervision_loss(logits: Sequence[Tensor], reconstructions: Sequence[T
     return loss
 
 
-class RevCol(nn.Module):
+class RevCol(TimmFeatures, nn.Module):
     """RevCol classifier (official key layout). ``forward_features(x, mask)`` is the
     masked-dense FCMAE encoder; ``reversible=True`` trains with constant activation memory."""
 
@@ -275,6 +276,7 @@ class RevCol(nn.Module):
         super().__init__()
         self.channels, self.layers, self.num_subnet = tuple(channels), tuple(layers), num_subnet
         self.reversible = reversible
+        self.stage_channels = tuple(channels)
         self.num_features = channels[-1]
         self.feature_strides = stage_strides(len(channels))
         self.patch_size = self.feature_strides[-1]
