@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+import timm
 import torch
 from torch import Tensor, nn
 
@@ -35,10 +36,9 @@ def meta_model(build) -> nn.Module:
 
 
 def timm_model(model_name: str, **kwargs) -> nn.Module:
-    """timm's model of the same name (its family must declare a ``timm_filter_fn``)."""
-    if get_model_entry(model_name).family.timm_filter_fn is None:
-        raise ValueError(f"timm has no layout for {model_name!r}; use --format official")
-    import timm
+    """timm's model of the same name: timm's own for a family that declares a
+    ``timm_filter_fn`` (ConvNeXt V1/V2), else ours, which importing ``fcmae`` registers with timm
+    (:mod:`fcmae.timm_hub`; InternImage, RevCol: their timm layout is the official one)."""
     return timm.create_model(model_name, pretrained=False, **kwargs)
 
 
@@ -70,9 +70,10 @@ def encoder_to_dense(encoder: dict[str, Tensor], model_name: str, fmt: str = "of
 
 
 def dense_to_timm(dense: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
-    """Official-layout dense weights of ``model_name`` → timm's layout (the family's ``timm_filter_fn``)."""
-    model = meta_model(lambda: timm_model(model_name))
-    return get_model_entry(model_name).family.timm_filter_fn(dense, model)
+    """Official-layout dense weights of ``model_name`` → timm's layout (the family's ``timm_filter_fn``;
+    the same layout for the families registered with timm by fcmae)."""
+    to_timm = get_model_entry(model_name).family.timm_filter_fn
+    return dict(dense) if to_timm is None else to_timm(dense, meta_model(lambda: timm_model(model_name)))
 
 
 def infer_model_name(encoder: dict[str, Tensor]) -> str:
@@ -102,12 +103,8 @@ def convert_state(state: dict[str, Tensor], model_name: str | None = None,
 def build_dense(model_name: str, fmt: str, dense_state: dict[str, Tensor]) -> nn.Module:
     """A dense model of ``fmt`` (ours = official layout, or timm's) with ``dense_state`` loaded;
     only its head (final norm, classifier) may be missing."""
-    if fmt == "timm":
-        model = timm_model(model_name)
-        head_prefixes: tuple[str, ...] = ("head.",)
-    else:
-        model = create_model(model_name)
-        head_prefixes = model.head_prefixes
+    model = timm_model(model_name) if fmt == "timm" else create_model(model_name)
+    head_prefixes = getattr(model, "head_prefixes", ("head.",))     # timm's own ConvNeXt: its head
     missing, unexpected = model.load_state_dict(dense_state, strict=False)
     missing_body = [key for key in missing if not key.startswith(head_prefixes)]
     if unexpected or missing_body:
@@ -152,14 +149,16 @@ def is_export_folder(folder: Path) -> bool:
 
 
 def write_timm_folder(timm_state: dict[str, Tensor], model_name: str, folder: Path, input_size: int = 224) -> None:
-    """A timm model folder: ``model.safetensors`` (a head-less model, ``num_classes=0``; the
-    final ``head.norm`` keeps its fresh identity values so the folder loads strictly) and the
+    """A timm model folder: ``model.safetensors`` (a head-less model, ``num_classes=0``; what
+    the encoder lacks, e.g. timm ConvNeXt's final ``head.norm``, keeps its fresh values so the
+    folder loads strictly) and the
     ``config.json`` timm reads for ``local-dir:`` models (architecture, ``num_features``,
     ``pretrained_cfg`` describing these weights). Written here rather than by timm's hub export,
     which needs huggingface_hub and differs across the supported timm versions."""
     model = timm_model(model_name, num_classes=0)
     missing, unexpected = model.load_state_dict(timm_state, strict=False)
-    if unexpected or any(not key.startswith("head.norm.") for key in missing):
+    fresh = getattr(model, "head_prefixes", ("head.norm.",))   # timm's ConvNeXt: its final norm; ours: the head
+    if unexpected or any(not key.startswith(fresh) for key in missing):
         raise CheckpointError(f"converted weights do not fit timm {model_name}: "
                               f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     pretrained_cfg = {key: value for key, value in model.pretrained_cfg.items()

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "config.json, loadable by timm alone)")
     parser.add_argument("--format", choices=FORMATS, default="official",
                         help="official: {'model': state_dict} as the official repo and fcmae.create_model "
-                             "load it; timm: a bare state_dict for timm.create_model(MODEL) (families timm has)")
+                             "load it; timm: a bare state_dict for timm.create_model(MODEL) (InternImage and RevCol: "
+                             "the models importing fcmae registers with timm)")
     parser.add_argument("--model", default=None, help="expected model name (inferred from shapes if omitted)")
     parser.add_argument("--verify", action="store_true",
                         help="run sparse and dense models on a random batch and compare (exit 1 above --tolerance)")
