@@ -93,11 +93,17 @@ def convert_state(state: dict[str, Tensor], model_name: str | None = None,
     the name came from, for the message)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
-    encoder = encoder_state(state)
-    inferred = infer_model_name(encoder)
+    inferred = fcmae_model_name(state, model_name, named_by)
+    return encoder_to_dense(encoder_state(state), inferred, fmt), inferred
+
+
+def fcmae_model_name(state: dict[str, Tensor], model_name: str | None = None, named_by: str = "--model") -> str:
+    """The model whose encoder FCMAE weights (or a bare encoder) hold, by their shapes;
+    ``model_name``, where given, must be it (``named_by`` says where the name came from)."""
+    inferred = infer_model_name(encoder_state(state))
     if model_name is not None and model_name != inferred:
         raise CheckpointError(f"{named_by} names {model_name!r}, but the checkpoint's encoder is {inferred!r}")
-    return encoder_to_dense(encoder, inferred, fmt), inferred
+    return inferred
 
 
 def build_dense(model_name: str, fmt: str, dense_state: dict[str, Tensor]) -> nn.Module:

@@ -79,11 +79,6 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """Mean of a Python float over all ranks (the value itself when not distributed)."""
-    return all_reduce_sums([value], device)[0] / world_size()
-
-
 def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     """Sums of Python floats over all ranks, in one collective (the values when not distributed)."""
     if not is_distributed():

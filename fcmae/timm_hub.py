@@ -16,7 +16,7 @@ from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from .checkpoint import is_fcmae_state
-from .convert import encoder_state
+from .convert import encoder_state, encoder_to_dense
 from .models import get_model_entry, list_families
 from .models.registry import StateDict
 
@@ -26,12 +26,11 @@ default_cfgs: dict[str, dict[str, Any]] = {}   # read by timm's register_model, 
 
 
 def load_filter(state: StateDict, model: nn.Module) -> StateDict:
-    """timm's ``pretrained_filter_fn``: FCMAE weights converted to the dense layout (by the
-    family's own ``checkpoint_filter_fn``); parts of ``model`` the file lacks (the classifier
+    """timm's ``pretrained_filter_fn``: FCMAE weights converted to the dense layout
+    (:func:`~fcmae.convert.encoder_to_dense`); parts of ``model`` the file lacks (the classifier
     of head-less weights) keep their fresh values, so loading stays strict for the rest."""
-    name = model.pretrained_cfg["architecture"]
     if is_fcmae_state(state):
-        state = get_model_entry(name).family.checkpoint_filter_fn(encoder_state(state), model)
+        state = encoder_to_dense(encoder_state(state), model.pretrained_cfg["architecture"])
     own = model.state_dict()
     return {**{key: value for key, value in own.items() if key.startswith(model.head_prefixes)},
             **{key: value for key, value in state.items() if key in own}}
@@ -68,9 +67,10 @@ def register_with_timm() -> list[str]:
     for family in list_families():
         if family.timm_filter_fn is not None:
             continue
+        # module names are the same in every size: found once per family, on its first size
+        first_conv, classifier = _first_conv_and_classifier(f"{family.name}_{next(iter(family.sizes))}")
         for size in family.sizes:
             name = f"{family.name}_{size}"
-            first_conv, classifier = _first_conv_and_classifier(name)
             default_cfgs[name] = dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
                                       crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                       first_conv=first_conv, classifier=classifier, license="", tag="")

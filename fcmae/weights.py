@@ -22,9 +22,9 @@ from . import checkpoint as ckpt
 from .autoencoder import create_fcmae
 from .convert import (
     ENCODER_PREFIX,
-    convert_state,
     encoder_state,
     encoder_to_dense,
+    fcmae_model_name,
     in_timm_layout,
     infer_model_name,
     meta_model,
@@ -152,7 +152,7 @@ def read_weights(source: str | os.PathLike, model_name: str | None = None) -> We
     found = WeightsFile(str(source), "", state, "", trained_input_size(checkpoint, folder),
                         ckpt.saved_args(checkpoint), checkpoint)
     if ckpt.is_fcmae_state(state):
-        _, found.model_name = convert_state(state, model_name, named_by=named_by)
+        found.model_name = fcmae_model_name(state, model_name, named_by)   # checked, not converted yet
         found.kind = "fcmae"
         return found
     if model_name is not None and model_shapes(model_name, "encoder") == _shapes(state):   # a bare sparse encoder
