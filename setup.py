@@ -21,7 +21,11 @@ REQUIREMENTS = [
     "webdataset>=1.0.2",   # tar shards (fcmae-shards, --data-path SHARDS)
     "matplotlib>=3.8.0",   # plots of fcmae-analyze and fcmae-visualize
 ]
-DEV_REQUIREMENTS = [
+# Optional: the Hugging Face export (fcmae-convert --format transformers; writing the folder needs
+# nothing, loading or --verify needs transformers) and segmentation through smp's timm encoders.
+HF_REQUIREMENTS = ["transformers>=4.57.6,<6"]
+SEG_REQUIREMENTS = ["segmentation-models-pytorch>=0.5.0,<0.7"]
+DEV_REQUIREMENTS = HF_REQUIREMENTS + SEG_REQUIREMENTS + [
     "pytest>=8.0.0",
     "pytest-timeout>=2.3.1",
     "scikit-learn>=1.4.0",
@@ -39,7 +43,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fcmae", "fcmae.*", "sparse_ops", "sparse_ops.*"]),
     install_requires=REQUIREMENTS,
-    extras_require={"dev": DEV_REQUIREMENTS},
+    extras_require={"hf": HF_REQUIREMENTS, "seg": SEG_REQUIREMENTS, "dev": DEV_REQUIREMENTS},
     entry_points={
         "console_scripts": [
             "fcmae-pretrain=fcmae.cli.pretrain:main",

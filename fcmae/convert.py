@@ -1,6 +1,7 @@
 """Conversion of FCMAE pretraining weights into dense layouts: our dense model (the official
-layout) and timm's. Each family's key maps live beside its model (its ``checkpoint_filter_fn``
-and ``timm_filter_fn``); this module only applies them."""
+layout), timm's and Hugging Face transformers' (ConvNeXt V1/V2). Each family's key maps live
+beside its model (its ``checkpoint_filter_fn``, ``timm_filter_fn`` and ``transformers_layout``);
+this module only applies them and writes the files."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +9,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import timm
 import torch
@@ -16,9 +18,10 @@ from torch import Tensor, nn
 from .atomic import atomic_folder, atomic_save
 from .checkpoint import ENCODER_PREFIX, CheckpointError, is_fcmae_state, save_safetensors
 from .masking import random_masks
-from .models import create_encoder, create_model, get_model_entry, list_models
+from .models import TransformersLayout, create_encoder, create_model, get_model_entry, list_families, list_models
 
-FORMATS = ("official", "timm")
+FORMATS = ("official", "timm", "transformers")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -66,7 +69,19 @@ def encoder_to_dense(encoder: dict[str, Tensor], model_name: str, fmt: str = "of
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     family = get_model_entry(model_name).family
     dense = family.checkpoint_filter_fn(encoder, meta_model(lambda: create_model(model_name)))
+    if fmt == "transformers":
+        return transformers_layout(model_name).filter_fn(dense, get_model_entry(model_name).size_kwargs)
     return dense_to_timm(dense, model_name) if fmt == "timm" else dense
+
+
+def transformers_layout(model_name: str) -> TransformersLayout:
+    """The family's transformers layout; a clear error for a family transformers does not have."""
+    layout = get_model_entry(model_name).family.transformers_layout
+    if layout is None:
+        with_layout = sorted(family.name for family in list_families() if family.transformers_layout is not None)
+        raise ValueError(f"--format transformers: transformers has no {model_name} architecture (only "
+                         f"{', '.join(with_layout)}); use --format timm (any family) or official")
+    return layout
 
 
 def dense_to_timm(dense: dict[str, Tensor], model_name: str) -> dict[str, Tensor]:
@@ -106,9 +121,42 @@ def fcmae_model_name(state: dict[str, Tensor], model_name: str | None = None, na
     return inferred
 
 
+class LastHiddenState(nn.Module):
+    """A transformers ConvNeXt model seen as a dense model: ``forward_features`` (B, 3, H, W) →
+    its ``last_hidden_state`` (B, C, H/32, W/32), the last stage's output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.model(pixel_values=x).last_hidden_state
+
+
+def transformers_model(model_name: str, state: dict[str, Tensor]) -> nn.Module:
+    """transformers' model of ``model_name`` (its class named in the layout's config) with
+    ``state`` loaded strictly. Needs the optional ``transformers`` (``pip install "fcmae[hf]"``)."""
+    try:
+        import transformers  # optional extra, imported only where a transformers model is built
+    except ImportError as error:
+        raise ValueError('building a transformers model needs transformers: pip install "fcmae[hf]"') from error
+    config = transformers_config(model_name)
+    model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def transformers_config(model_name: str, input_size: int = 224) -> dict[str, Any]:
+    """The ``config.json`` of ``model_name``'s transformers export."""
+    return transformers_layout(model_name).config(get_model_entry(model_name).size_kwargs) | {"image_size": input_size}
+
+
 def build_dense(model_name: str, fmt: str, dense_state: dict[str, Tensor]) -> nn.Module:
-    """A dense model of ``fmt`` (ours = official layout, or timm's) with ``dense_state`` loaded;
-    only its head (final norm, classifier) may be missing."""
+    """A dense model of ``fmt`` (ours = official layout, timm's, or transformers' seen through
+    :class:`LastHiddenState`) with ``dense_state`` loaded; only its head (final norm,
+    classifier) may be missing."""
+    if fmt == "transformers":
+        return LastHiddenState(transformers_model(model_name, dense_state))
     model = timm_model(model_name) if fmt == "timm" else create_model(model_name)
     head_prefixes = getattr(model, "head_prefixes", ("head.",))     # timm's own ConvNeXt: its head
     missing, unexpected = model.load_state_dict(dense_state, strict=False)
@@ -143,15 +191,16 @@ def verify(sparse_state: dict[str, Tensor], dense_state: dict[str, Tensor], mode
     return worst
 
 
-TIMM_FOLDER_FILES = frozenset({"model.safetensors", "config.json"})
+EXPORT_FOLDER_FILES = frozenset({"model.safetensors", "config.json", "preprocessor_config.json"})
 
 
 def is_export_folder(folder: Path) -> bool:
-    """True when ``folder`` holds nothing but what :func:`write_timm_folder` writes (or nothing):
-    the only kind of folder ``fcmae-convert --force`` may replace."""
+    """True when ``folder`` holds nothing but what :func:`write_timm_folder` or
+    :func:`write_transformers_folder` write (or nothing): the only kind of folder
+    ``fcmae-convert --force`` may replace."""
     if not folder.is_dir() or folder.is_symlink():
         return False
-    return {entry.name for entry in folder.iterdir()} <= TIMM_FOLDER_FILES
+    return {entry.name for entry in folder.iterdir()} <= EXPORT_FOLDER_FILES
 
 
 def write_timm_folder(timm_state: dict[str, Tensor], model_name: str, folder: Path, input_size: int = 224) -> None:
@@ -179,6 +228,22 @@ def write_timm_folder(timm_state: dict[str, Tensor], model_name: str, folder: Pa
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def write_transformers_folder(state: dict[str, Tensor], model_name: str, folder: Path, input_size: int = 224) -> None:
+    """A Hugging Face transformers model folder that ``ConvNextModel`` / ``ConvNextV2Model``
+    ``.from_pretrained(folder)`` loads with transformers alone: ``config.json`` (the layout's
+    fields, ``image_size`` the training input size), ``model.safetensors`` (every key of the
+    model; the pooled output's norm fresh) and the ``preprocessor_config.json`` of
+    ``ConvNextImageProcessor`` (ImageNet mean/std, resize to ``input_size``). Written without
+    importing transformers."""
+    preprocessor = {"image_processor_type": "ConvNextImageProcessor", "do_resize": True,
+                    "size": {"shortest_edge": input_size}, "crop_pct": 0.875, "resample": 3,
+                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                    "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
+    save_safetensors(state, folder / "model.safetensors", {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(transformers_config(model_name, input_size), indent=2) + "\n")
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+
+
 def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, output: Path,
                    input_size: int = 224) -> str:
     """Write converted weights atomically; the kind of file follows ``output``'s name:
@@ -186,7 +251,8 @@ def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, ou
     * ``*.safetensors``: the tensors, with ``model_name``, ``format`` and the training
       ``input_size`` as metadata;
     * no suffix, with ``fmt='timm'``: a timm model folder (:func:`write_timm_folder`) that
-      ``timm.create_model('local-dir:FOLDER', pretrained=True)`` loads;
+      ``timm.create_model('local-dir:FOLDER', pretrained=True)`` loads; with
+      ``fmt='transformers'``: a transformers model folder (:func:`write_transformers_folder`);
     * anything else: ``torch.save`` (official: ``{'model': ..., 'model_name', 'input_size'}``;
       timm: a bare state dict).
 
@@ -197,12 +263,13 @@ def save_converted(dense_state: dict[str, Tensor], model_name: str, fmt: str, ou
                                                "input_size": str(input_size)})
         return f"{fmt} safetensors file"
     if output.suffix == "":
-        if fmt != "timm":
-            raise ValueError(f"{output} has no file suffix: a model folder is written for --format timm "
-                             "only; name a .pth or .safetensors file")
-        atomic_folder(output, lambda folder: write_timm_folder(dense_state, model_name, folder, input_size))
-        return "timm model folder (model.safetensors + config.json)"
-    atomic_save(dense_state if fmt == "timm" else
+        if fmt == "official":
+            raise ValueError(f"{output} has no file suffix: a model folder is written for --format timm or "
+                             "transformers; name a .pth or .safetensors file")
+        write = write_timm_folder if fmt == "timm" else write_transformers_folder
+        atomic_folder(output, lambda folder: write(dense_state, model_name, folder, input_size))
+        return f"{fmt} model folder ({', '.join(sorted(entry.name for entry in output.iterdir()))})"
+    atomic_save(dense_state if fmt != "official" else
                 {"model": dense_state, "model_name": model_name, "format": "official-dense",
                  "input_size": input_size}, output)
     return f"{fmt} .pth file"

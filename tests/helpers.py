@@ -110,3 +110,23 @@ def assert_within_dtype_error(actual: dict, same_dtype_reference: dict, fp32_ref
         error = (actual[key] - reference).norm()
         budget = factor * (same_dtype_reference[key] - reference).norm() + 1e-5 * reference.norm()
         assert error <= budget, f"{key}: L2 error {error:.3g} > {factor:g} × the dtype's own error ({budget:.3g})"
+
+
+def rectangles(count: int, size: int = 128, seed: int = 0) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Images (3, size, size) with one red (label 1) or blue (label 2) rectangle on grey noise,
+    and torchvision detection targets: its box (1, 4), label (1,) and mask (1, size, size)."""
+    generator = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for index in range(count):
+        image = 0.5 + 0.05 * torch.randn(3, size, size, generator=generator)
+        x0, y0 = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+        width, height = torch.randint(size // 4, size // 2, (2,), generator=generator).tolist()
+        label = 1 + index % 2
+        colour = torch.tensor([1.0, 0.0, 0.0] if label == 1 else [0.0, 0.0, 1.0])
+        image[:, y0:y0 + height, x0:x0 + width] = colour[:, None, None]
+        mask = torch.zeros(1, size, size, dtype=torch.uint8)
+        mask[:, y0:y0 + height, x0:x0 + width] = 1
+        images.append(image.clamp(0, 1))
+        targets.append(dict(boxes=torch.tensor([[x0, y0, x0 + width, y0 + height]], dtype=torch.float32),
+                            labels=torch.tensor([label]), masks=mask))
+    return images, targets

@@ -10,12 +10,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def declared_requirements() -> dict[str, Requirement]:
-    """``REQUIREMENTS`` + ``DEV_REQUIREMENTS`` of setup.py, by package name."""
+    """Every requirement list of setup.py (``REQUIREMENTS``, the optional extras' ``*_REQUIREMENTS``;
+    ``DEV_REQUIREMENTS`` adds the extras' lists to its own), by package name."""
     tree = ast.parse((REPO / "setup.py").read_text())
     found: dict[str, Requirement] = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and node.targets[0].id in ("REQUIREMENTS", "DEV_REQUIREMENTS"):
-            for text in ast.literal_eval(node.value):
+        if isinstance(node, ast.Assign) and node.targets[0].id.endswith("REQUIREMENTS"):
+            value = node.value.right if isinstance(node.value, ast.BinOp) else node.value
+            for text in ast.literal_eval(value):
                 requirement = Requirement(text)
                 found[requirement.name] = requirement
     assert "torch" in found and "pytest" in found, "setup.py lists no requirements"
@@ -68,3 +70,12 @@ def test_docker_image_installs_a_supported_pair():
 def test_ci_runs_the_suite_in_the_oldest_environment():
     ci = (REPO / ".ci" / "run").read_text()
     assert "-c .ci/oldest-constraints.txt" in ci
+
+
+def test_the_optional_extras_are_part_of_dev():
+    """CI installs [dev]: the tests of the optional parts then run there, never skipped."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    dev = next(node.value for node in tree.body
+               if isinstance(node, ast.Assign) and node.targets[0].id == "DEV_REQUIREMENTS")
+    added = {node.id for node in ast.walk(dev) if isinstance(node, ast.Name)}
+    assert {"HF_REQUIREMENTS", "SEG_REQUIREMENTS"} <= added

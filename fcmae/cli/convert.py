@@ -8,7 +8,7 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from ..convert import FORMATS, TIMM_FOLDER_FILES, convert_state, is_export_folder, save_converted, verify
+from ..convert import EXPORT_FOLDER_FILES, FORMATS, convert_state, is_export_folder, save_converted, verify
 from ..weights import read_pretraining_weights
 from . import NON_NEGATIVE, cli_main, new_parser
 
@@ -20,24 +20,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="FCMAE checkpoint (.pth or .safetensors)")
     parser.add_argument("-o", "--output", required=True,
                         help="where to write the dense weights: NAME.pth (torch.save), NAME.safetensors, "
-                             "or, with --format timm, a folder name without suffix (model.safetensors + "
-                             "config.json, loadable by timm alone)")
+                             "or, with --format timm or transformers, a folder name without suffix "
+                             "(model.safetensors + config.json, loadable by timm or transformers alone)")
     parser.add_argument("--format", choices=FORMATS, default="official",
                         help="official: {'model': state_dict} as the official repo and fcmae.create_model "
                              "load it; timm: a bare state_dict for timm.create_model(MODEL) (InternImage and RevCol: "
-                             "the models importing fcmae registers with timm)")
+                             "the models importing fcmae registers with timm); transformers (ConvNeXt V1/V2): "
+                             "transformers' ConvNextModel/ConvNextV2Model keys")
     parser.add_argument("--model", default=None, help="expected model name (inferred from shapes if omitted)")
     parser.add_argument("--verify", action="store_true",
                         help="run sparse and dense models on a random batch and compare (exit 1 above --tolerance)")
     parser.add_argument("--tolerance", type=NON_NEGATIVE, default=1e-3, help="max abs difference allowed by --verify")
     parser.add_argument("--force", action="store_true",
-                        help="overwrite an existing output file, or a folder of an earlier --format timm export")
+                        help="overwrite an existing output file, or a folder of an earlier timm/transformers export")
     return parser
 
 
 def check_output(output: Path, checkpoint: Path, force: bool) -> None:
     """``-o`` may be replaced only with ``--force``, never when it is or holds the input, and a
-    folder only when it is an earlier ``--format timm`` export: nothing else is ever deleted."""
+    folder only when it is an earlier timm or transformers export: nothing else is ever deleted."""
     if not output.exists() and not output.is_symlink():
         return
     source = checkpoint.resolve()
@@ -46,10 +47,10 @@ def check_output(output: Path, checkpoint: Path, force: bool) -> None:
     if not force:
         raise FileExistsError(f"{output} exists; pass --force to overwrite it")
     if output.is_dir() and not is_export_folder(output):
-        others = sorted(entry.name for entry in output.iterdir() if entry.name not in TIMM_FOLDER_FILES)
+        others = sorted(entry.name for entry in output.iterdir() if entry.name not in EXPORT_FOLDER_FILES)
         listed = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise FileExistsError(f"-o {output} is a folder holding files fcmae-convert did not write ({listed}); "
-                              f"--force replaces only an earlier --format timm export: choose another -o")
+                              f"--force replaces only an earlier --format timm/transformers export: choose another -o")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from .registry import (
     FamilyOption,
     FCMAEEncoder,
     ModelEntry,
+    TransformersLayout,
     create_encoder,
     create_model,
     get_model_entry,
@@ -14,5 +15,5 @@ from .registry import (
     register_family,
 )
 
-__all__ = ["DenseModel", "EncoderFamily", "FamilyOption", "FCMAEEncoder", "ModelEntry", "create_encoder",
-           "create_model", "get_model_entry", "list_families", "list_models", "register_family"]
+__all__ = ["DenseModel", "EncoderFamily", "FamilyOption", "FCMAEEncoder", "ModelEntry", "TransformersLayout",
+           "create_encoder", "create_model", "get_model_entry", "list_families", "list_models", "register_family"]

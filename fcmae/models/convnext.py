@@ -1,7 +1,7 @@
 """ConvNeXt: the network both ConvNeXt families share — the dense classifier and the sparse
 FCMAE encoder, built from a block — with the V1 block (LayerScale ``gamma``, init 1e-6, no
-GRN), the sizes of both families (stated once), and the conversions to the dense and timm
-layouts. ConvNeXt V2 (:mod:`.convnextv2`) changes only the block: GRN, no LayerScale.
+GRN), the sizes of both families (stated once), and the conversions to the dense, timm and
+Hugging Face transformers layouts. ConvNeXt V2 (:mod:`.convnextv2`) changes only the block: GRN, no LayerScale.
 
 The dense model follows the official key layout (``downsample_layers``, ``stages.i.j.{dwconv,
 norm, pwconv1, pwconv2, gamma|grn}``, ``norm``, ``head``); the sparse encoder has the same keys
@@ -12,7 +12,8 @@ runs it. Sizes are timm's ``convnext_*`` / ``convnextv2_*``; converted weights l
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from timm.layers import DropPath
@@ -36,7 +37,7 @@ from .layers import (
     stage_strides,
     trunc_normal_init,
 )
-from .registry import AnalysisPoint, EncoderFamily, StateDict, register_family
+from .registry import AnalysisPoint, EncoderFamily, StateDict, TransformersLayout, register_family
 
 # size: (depths, dims), for both families (timm's convnext_* and convnextv2_* sizes)
 CONVNEXT_SHAPES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -293,6 +294,50 @@ def timm_filter_fn(dense: StateDict, timm_model: nn.Module) -> StateDict:
     return timm_state
 
 
+# Official dense key → Hugging Face transformers ConvNextModel / ConvNextV2Model key (first match
+# wins); the classifier (``head``) has no place there and is dropped.
+_TRANSFORMERS_RULES: tuple[tuple[str, str], ...] = (
+    (r"^downsample_layers\.0\.0\.", "embeddings.patch_embeddings."),
+    (r"^downsample_layers\.0\.1\.", "embeddings.layernorm."),
+    (r"^downsample_layers\.(\d+)\.", r"encoder.stages.\1.downsampling_layer."),
+    (r"^stages\.(\d+)\.(\d+)\.norm\.", r"encoder.stages.\1.layers.\2.layernorm."),
+    (r"^stages\.(\d+)\.(\d+)\.gamma$", r"encoder.stages.\1.layers.\2.layer_scale_parameter"),
+    (r"^stages\.(\d+)\.(\d+)\.grn\.gamma$", r"encoder.stages.\1.layers.\2.grn.weight"),
+    (r"^stages\.(\d+)\.(\d+)\.grn\.beta$", r"encoder.stages.\1.layers.\2.grn.bias"),
+    (r"^stages\.(\d+)\.(\d+)\.", r"encoder.stages.\1.layers.\2."),
+    (r"^norm\.", "layernorm."),
+)
+
+
+def transformers_filter_fn(dense: StateDict, size: Mapping[str, Any]) -> StateDict:
+    """Official dense ConvNeXt (V1 or V2) weights of a size (``depths``, ``dims``) → the keys
+    of transformers' ``ConvNextModel`` / ``ConvNextV2Model``. The pooled output's ``layernorm``,
+    which an FCMAE encoder lacks, is written at its fresh values (weight 1, bias 0); GRN
+    parameters are (1, 1, 1, C) there."""
+    state: StateDict = {}
+    for key, value in dense.items():
+        for pattern, replacement in _TRANSFORMERS_RULES:
+            new_key = re.sub(pattern, replacement, key)
+            if new_key != key:
+                state[new_key] = value.reshape(1, 1, 1, -1) if ".grn." in new_key else value
+                break
+    width = size["dims"][-1]
+    state.setdefault("layernorm.weight", torch.ones(width))
+    state.setdefault("layernorm.bias", torch.zeros(width))
+    return state
+
+
+def transformers_layout(model_type: str, architecture: str, **fields: Any) -> TransformersLayout:
+    """The transformers layout of a ConvNeXt family: ``config.json`` fields of ``model_type``
+    (``convnext``, ``convnextv2``) loaded by ``architecture``, plus the family's own ``fields``."""
+    def config(size: Mapping[str, Any]) -> dict[str, Any]:
+        return {"architectures": [architecture], "model_type": model_type, "num_channels": 3,
+                "patch_size": STEM_STRIDE, "num_stages": len(size["depths"]), "depths": list(size["depths"]),
+                "hidden_sizes": list(size["dims"]), "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+                "drop_path_rate": 0.0, **fields}
+    return TransformersLayout(config=config, filter_fn=transformers_filter_fn)
+
+
 def _reshaped_like(value: Tensor, reference: Tensor | None) -> Tensor:
     """``value`` in ``reference``'s shape where both hold as many numbers (a classifier of
     another class count stays as it is, for the loader to report)."""
@@ -302,4 +347,5 @@ def _reshaped_like(value: Tensor, reference: Tensor | None) -> Tensor:
 register_family(EncoderFamily(
     name="convnext",
     sizes={size: dict(depths=depths, dims=dims) for size, (depths, dims) in CONVNEXT_SIZES.items()},
-    dense=ConvNeXt, encoder=SparseConvNeXt, checkpoint_filter_fn=checkpoint_filter_fn, timm_filter_fn=timm_filter_fn))
+    dense=ConvNeXt, encoder=SparseConvNeXt, checkpoint_filter_fn=checkpoint_filter_fn, timm_filter_fn=timm_filter_fn,
+    transformers_layout=transformers_layout("convnext", "ConvNextModel", layer_scale_init_value=1e-6)))

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 import sparse_ops
 import sparse_ops.nn as snn
 
-from .convnext import CONVNEXT_SHAPES, ConvNeXt, SparseConvNeXt, checkpoint_filter_fn, timm_filter_fn
+from .convnext import (
+    CONVNEXT_SHAPES,
+    ConvNeXt,
+    SparseConvNeXt,
+    checkpoint_filter_fn,
+    timm_filter_fn,
+    transformers_layout,
+)
 from .layers import GRN, apply_keep
 from .registry import EncoderFamily, register_family
 
@@ -86,4 +93,4 @@ register_family(EncoderFamily(
     name="convnextv2",
     sizes={size: dict(depths=depths, dims=dims) for size, (depths, dims) in CONVNEXTV2_SIZES.items()},
     dense=ConvNeXtV2, encoder=SparseConvNeXtV2, checkpoint_filter_fn=checkpoint_filter_fn,
-    timm_filter_fn=timm_filter_fn))
+    timm_filter_fn=timm_filter_fn, transformers_layout=transformers_layout("convnextv2", "ConvNextV2Model")))

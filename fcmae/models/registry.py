@@ -115,6 +115,20 @@ class FamilyOption:
 
 
 @dataclass(frozen=True)
+class TransformersLayout:
+    """How a family's dense weights become a Hugging Face transformers model folder.
+
+    ``config(size_kwargs)``: the ``config.json`` fields of a size (``model_type`` and
+    ``architectures`` included), written without importing transformers; ``filter_fn``:
+    ``(dense_state, size_kwargs) -> state``: official dense layout → the transformers model's
+    keys, complete (parts the encoder lacks, e.g. the pooled output's norm, at their fresh
+    values) so that ``from_pretrained`` loads without a missing key."""
+
+    config: Callable[[Mapping[str, Any]], dict[str, Any]]
+    filter_fn: Callable[[StateDict, Mapping[str, Any]], StateDict]
+
+
+@dataclass(frozen=True)
 class EncoderFamily:
     """Everything the shared code needs to know about one architecture family.
 
@@ -128,6 +142,8 @@ class EncoderFamily:
             weights (``encoder.`` prefix removed) → the dense model's official layout.
         timm_filter_fn: ``(dense_state, timm_model) -> timm_state``: official dense layout →
             timm's layout of the model of the same name; None where timm has no such model.
+        transformers_layout: how the dense weights become a transformers model folder
+            (:class:`TransformersLayout`); None where transformers has no such model.
         options: the family's own command-line options.
         supervised_loss: for a classifier whose training forward returns more than logits
             (RevCol's intermediate supervision): ``(outputs, images, targets, criterion)`` →
@@ -146,6 +162,7 @@ class EncoderFamily:
     encoder: Callable[..., nn.Module]
     checkpoint_filter_fn: Callable[[StateDict, nn.Module], StateDict] = same_keys
     timm_filter_fn: Callable[[StateDict, nn.Module], StateDict] | None = None
+    transformers_layout: TransformersLayout | None = None
     options: tuple[FamilyOption, ...] = field(default=())
     supervised_loss: Callable[..., Tensor] | None = None
     sparse_encoder: bool = True
@@ -160,11 +177,16 @@ class ModelEntry:
     family: EncoderFamily
     size: str
 
+    @property
+    def size_kwargs(self) -> Mapping[str, Any]:
+        """The size's constructor keyword arguments (depths, widths, ...)."""
+        return self.family.sizes[self.size]
+
     def build_dense(self, **kwargs: Any) -> nn.Module:
-        return self.family.dense(**self.family.sizes[self.size], **kwargs)
+        return self.family.dense(**self.size_kwargs, **kwargs)
 
     def build_encoder(self, backend: str = "torch", **kwargs: Any) -> nn.Module:
-        return self.family.encoder(**self.family.sizes[self.size], backend=backend, **kwargs)
+        return self.family.encoder(**self.size_kwargs, backend=backend, **kwargs)
 
 
 _FAMILIES: dict[str, EncoderFamily] = {}
