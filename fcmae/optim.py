@@ -67,3 +67,22 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
             "lr_scale": layer_decay ** (num_layers + 1 - layer)})
         group["params"].append(param)
     return list(groups.values())
+
+
+def layer_decay_param_groups_around(model: nn.Module, encoder: nn.Module, weight_decay: float, layer_decay: float,
+                                    decay_type: str = "single") -> list[dict]:
+    """AdamW groups for a model built around a dense fcmae ``encoder`` (a detector or a
+    segmentation network; e.g. ``feature_backbone(...).body.model``): the encoder's parameters
+    as :func:`layer_decay_param_groups` (the stem gets the smallest ``lr_scale``), every other
+    parameter of ``model`` (FPN, heads, decoder) ``lr_scale`` 1, biases and 1-D parameters
+    without weight decay. Set each group's lr to ``base_lr * lr_scale`` (:func:`set_lr`)."""
+    groups = layer_decay_param_groups(encoder, weight_decay, layer_decay, decay_type)
+    inside = {id(param) for param in encoder.parameters()}
+    outside = [(name, param) for name, param in model.named_parameters()
+               if id(param) not in inside and param.requires_grad]
+    exempt = exempt_from_decay(model)
+    groups += [{"params": [param for name, param in outside if name not in exempt],
+                "weight_decay": weight_decay, "lr_scale": 1.0},
+               {"params": [param for name, param in outside if name in exempt],
+                "weight_decay": 0.0, "lr_scale": 1.0}]
+    return [group for group in groups if group["params"]]

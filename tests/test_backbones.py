@@ -10,6 +10,7 @@ from fcmae.atomic import atomic_save
 from fcmae.backbones import feature_backbone
 from fcmae.checkpoint import load_body
 from fcmae.convert import convert_state
+from fcmae.optim import layer_decay_param_groups_around
 
 from .helpers import rectangles
 
@@ -32,6 +33,21 @@ def test_the_backbone_gives_the_encoders_stages(tmp_path):
     assert plain.out_channels == 320
     with torch.no_grad():
         assert torch.equal(plain(images)["0"], expected[-1])
+
+
+def test_layer_decay_reaches_into_the_detector():
+    backbone = feature_backbone("random:convnextv2_atto")
+    detector = FasterRCNN(backbone, num_classes=3)
+    encoder = backbone.body.model
+    groups = layer_decay_param_groups_around(detector, encoder, weight_decay=0.05, layer_decay=0.8)
+    scale = {id(param): group["lr_scale"] for group in groups for param in group["params"]}
+    decay = {id(param): group["weight_decay"] for group in groups for param in group["params"]}
+    trainable = [param for param in detector.parameters() if param.requires_grad]
+    assert sum(len(group["params"]) for group in groups) == len(trainable) == len(scale)
+    stem, fpn_conv = encoder.downsample_layers[0][0].weight, backbone.fpn.inner_blocks[0][0].weight
+    assert scale[id(stem)] == min(scale.values()) == 0.8 ** encoder.num_layers() and scale[id(fpn_conv)] == 1.0
+    assert decay[id(fpn_conv)] == 0.05 and decay[id(backbone.fpn.inner_blocks[0][0].bias)] == 0.0
+    assert scale[id(detector.roi_heads.box_predictor.cls_score.weight)] == 1.0
 
 
 @pytest.mark.slow
