@@ -134,6 +134,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     official ConvNeXt-V2 checkpoints store their ``args`` as one.
     """
     path = Path(path)
+    if path.is_dir() and (path / "preprocessor_config.json").is_file():
+        raise CheckpointError(f"{str(path)!r} is a Hugging Face transformers export, which fcmae does not read "
+                              f"back; give the FCMAE checkpoint it came from, or a --format official/timm export")
     if path.is_dir() and (path / "model.safetensors").is_file():   # an fcmae-convert --format timm folder
         path = path / "model.safetensors"
     elif path.is_dir():

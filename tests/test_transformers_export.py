@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.checkpoint import load_body
+from fcmae.checkpoint import CheckpointError, load_body
 from fcmae.cli import convert
 from fcmae.convert import convert_state
+from fcmae.weights import read_weights
 
 from .helpers import exit_code, randomize_
 
@@ -53,6 +54,8 @@ def test_transformers_loads_the_export_alone(name, model_class, tmp_path):
     result = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "transformers folder load ok" in result.stdout, result.stderr[-3000:]
+    with pytest.raises(CheckpointError, match="Hugging Face transformers export"):
+        read_weights(tmp_path / "hf")
 
 
 def test_families_transformers_lacks_are_refused_in_one_line(tmp_path, capsys):
