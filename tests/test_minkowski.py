@@ -67,12 +67,19 @@ def test_strided_conv_parity():
         assert_close(mink.float(), ref.float(), rtol=1e-5)
 
 
-def test_encoder_parity_outputs_and_gradients():
-    torch_encoder = randomize_(fcmae.create_encoder("convnextv2_atto", backend="torch"), std=0.1)
-    mink_encoder = fcmae.create_encoder("convnextv2_atto", backend="minkowski")
+def minkowski_devices() -> list[str]:
+    """cpu, and cuda where a GPU is there and MinkowskiEngine was built with CUDA."""
+    import MinkowskiEngine as ME
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() and ME.is_cuda_available() else [])
+
+
+@pytest.mark.parametrize("device", minkowski_devices())
+def test_encoder_parity_outputs_and_gradients(device):
+    torch_encoder = randomize_(fcmae.create_encoder("convnextv2_atto", backend="torch"), std=0.1).to(device)
+    mink_encoder = fcmae.create_encoder("convnextv2_atto", backend="minkowski").to(device)
     mink_encoder.load_state_dict(torch_encoder.state_dict())   # same parameters, same layout
-    imgs = torch.randn(2, 3, 96, 96)
-    mask = fcmae.masking.random_masks(2, 9, 0.6)
+    imgs = torch.randn(2, 3, 96, 96).to(device)
+    mask = fcmae.masking.random_masks(2, 9, 0.6).to(device)
     ref, out = torch_encoder(imgs, mask), mink_encoder(imgs, mask)
     assert_close(out, ref, rtol=1e-4)
     ref.square().sum().backward()

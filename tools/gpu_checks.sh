@@ -8,6 +8,7 @@
 #   tools/gpu_checks.sh 2                        # call 2: how fast
 #   tools/gpu_checks.sh 1 pretrain               # some steps of a call (names below)
 #   WHEELS=.whl RESULTS=/tmp/r STEP_TIMEOUT_SCALE=2 tools/gpu_checks.sh 1
+#   ME_WHEELS=.mewheel tools/gpu_checks.sh 1 minkowski   # optional: ME's CUDA build (see below)
 #   ALLOW_CPU=1 DRY_RUN=1 tools/gpu_checks.sh 1  # CPU dry run: eager instead of --compile, small sizes
 #
 # Results go to $RESULTS (default: $OUT if set, else gpu_results/), at most 8 files per call:
@@ -47,6 +48,13 @@ if [ -n "${WHEELS:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$WHEELS"/*.whl || exit 1
   export PYTHONPATH="$WORK/site:${PYTHONPATH:-}"
 fi
+# Optional, call 1: MinkowskiEngine built with CUDA for sm_90 here (tools/check_minkowski_cuda.sh
+# with ME_WHEEL_DIR=.mewheel; a cp312 wheel for torch 2.11+cu130), carried: one more step runs
+# the minkowski backend's parity tests, on cuda too (its timeout is outside the 300 s budget).
+if [ -n "${ME_WHEELS:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$ME_WHEELS"/MinkowskiEngine-*.whl || exit 1
+  export PYTHONPATH="$WORK/site:${PYTHONPATH:-}"
+fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 # A dry run on CPU checks that every command runs, at sizes a CPU finishes: eager instead of
@@ -65,6 +73,9 @@ if [ "$CALL" = 1 ]; then
     "cuda|150|$PY -m pytest -q -p no:cacheprovider tests/test_cuda.py $COLLECT"
     "pretrain|80|pretrain_end_to_end"
     "triton|60|$PY -m pytest -q -p no:cacheprovider tests/test_dcnv3_triton.py -k cuda $COLLECT"
+  )
+  [ -n "${ME_WHEELS:-}" ] && STEPS+=(
+    "minkowski|90|FCMAE_REQUIRE_MINKOWSKI=1 $PY -m pytest -q -p no:cacheprovider tests/test_minkowski.py"
   )
 else
   STEPS=(
