@@ -96,8 +96,8 @@ fi
 WHEELS=${ME_WHEEL_DIR:-$WORK/wheel}
 ME_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" ME_NO_INSTALL=1 ME_WHEEL_DIR="$WHEELS" ME_BUILD_DIR="$WORK/me" \
     PYTHON="$PYTHON" "$ROOT/tools/install_minkowski.sh"
-"$PYTHON" -m pip install -q --no-deps --target "$WORK/site" "$WHEELS"/MinkowskiEngine-*.whl
-log "built in $((SECONDS - START)) s: $(ls "$WHEELS"/MinkowskiEngine-*.whl) ($(du -h "$WHEELS"/MinkowskiEngine-*.whl | cut -f1))"
+"$PYTHON" -m pip install -q --no-deps --target "$WORK/site" "$WHEELS"/[Mm]inkowski[Ee]ngine-*.whl
+log "built in $((SECONDS - START)) s: $(ls "$WHEELS"/[Mm]inkowski[Ee]ngine-*.whl) ($(du -h "$WHEELS"/[Mm]inkowski[Ee]ngine-*.whl | cut -f1))"
 cd "$ROOT"
 PYTHONPATH="$WORK/site:$ROOT" "$PYTHON" -c \
     "import MinkowskiEngine as ME, MinkowskiEngineBackend._C as C; print('MinkowskiEngine', ME.__version__, 'built with CUDA:', ME.is_cuda_available(), C.__file__)"

@@ -52,7 +52,7 @@ fi
 # with ME_WHEEL_DIR=.mewheel; a cp312 wheel for torch 2.11+cu130), carried: one more step runs
 # the minkowski backend's parity tests, on cuda too (its timeout is outside the 300 s budget).
 if [ -n "${ME_WHEELS:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$ME_WHEELS"/MinkowskiEngine-*.whl || exit 1
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$ME_WHEELS"/[Mm]inkowski[Ee]ngine-*.whl || exit 1
   export PYTHONPATH="$WORK/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -5,7 +5,8 @@
 #   tools/install_minkowski.sh            # CPU-only build unless CUDA is usable
 #   ME_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" tools/install_minkowski.sh   # CUDA without a GPU (docker build)
 #
-# Builds for Python 3.10-3.12, CPU, and CUDA 12.x / 13.x (nvcc of CUDA_HOME, as torch finds it).
+# Built here: Python 3.11 and 3.12 for CPU, and with CUDA 13.0 for sm_90 (nvcc of CUDA_HOME, as torch
+# finds it; tools/check_minkowski_cuda.sh). The CUDA 12 code paths are kept, not compiled here.
 # Settings (environment): PYTHON (default python), MAX_JOBS (default nproc), ME_BUILD_DIR (build
 # folder, default a fresh temporary one), ME_SDIST (a local MinkowskiEngine-0.5.4.tar.gz instead
 # of the download), ME_WHEEL_DIR (also keep the built wheel there), ME_FORCE_CUDA=1,
@@ -77,7 +78,7 @@ for patch_file in "$PATCHES"/*.patch; do
 done
 [ "${ME_SOURCE_ONLY:-0}" = 1 ] && { log "patched source: $SRC"; exit 0; }
 
-"$PYTHON" -m pip install -q --target "$WORK/buildtools" "setuptools>=70.1" wheel ninja
+"$PYTHON" -m pip install -q --target "$WORK/buildtools" "setuptools>=70.1,<82" wheel ninja   # torch 2.11 declares setuptools<82
 export PATH="$WORK/buildtools/bin:$PATH"
 
 CUDA_FLAG="--cpu_only"
@@ -89,7 +90,7 @@ fi
 log "building ($CUDA_FLAG, $JOBS jobs); this takes a few minutes"
 (cd "$SRC" && MAX_JOBS=$JOBS PYTHONPATH="$WORK/buildtools" "$PYTHON" setup.py -q bdist_wheel \
     -d "$WORK/wheel" --blas=openblas $CUDA_FLAG)
-WHEEL=$(ls "$WORK"/wheel/MinkowskiEngine-*.whl)
+WHEEL=$(ls "$WORK"/wheel/[Mm]inkowski[Ee]ngine-*.whl)
 if [ -n "${ME_WHEEL_DIR:-}" ]; then
     mkdir -p "$ME_WHEEL_DIR" && cp "$WHEEL" "$ME_WHEEL_DIR/"
     log "wheel kept: $ME_WHEEL_DIR/$(basename "$WHEEL") ($(du -h "$WHEEL" | cut -f1))"
