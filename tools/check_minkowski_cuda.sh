@@ -80,14 +80,25 @@ EOF
     DEFINES=(-DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D__CUDA_NO_HALF_OPERATORS__
              -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
     SM=${ARCH//./}
-    for unit in coordinate_map_gpu.cu spmm.cu; do
+    pids=()
+    for unit in coordinate_map_gpu.cu spmm.cu; do   # side by side: each nvcc uses one core
         log "nvcc -c src/$unit (sm_$SM)"
         "$CUDA_HOME/bin/nvcc" -c "$SRC/src/$unit" -o "$WORK/${unit%.cu}.o" "${INCLUDES[@]}" "${DEFINES[@]}" \
             --expt-relaxed-constexpr --expt-extended-lambda -std=c++17 -O3 --compiler-options -fPIC \
-            -gencode "arch=compute_$SM,code=sm_$SM"
+            -gencode "arch=compute_$SM,code=sm_$SM" > "$WORK/${unit%.cu}.log" 2>&1 &
+        pids+=($!)
     done
     log "g++ -fsyntax-only src/quantization.cpp (the CUDA build's host compile)"
-    g++ -fsyntax-only -std=c++17 -fopenmp "${INCLUDES[@]}" "${DEFINES[@]}" "$SRC/src/quantization.cpp"
+    failed=0
+    g++ -fsyntax-only -std=c++17 -fopenmp "${INCLUDES[@]}" "${DEFINES[@]}" "$SRC/src/quantization.cpp" || failed=1
+    for index in 0 1; do
+        unit=$([ "$index" = 0 ] && echo coordinate_map_gpu || echo spmm)
+        if ! wait "${pids[$index]}"; then
+            grep -E "error|Error" "$WORK/$unit.log" | head -20 >&2
+            log "nvcc -c src/$unit.cu failed (whole log: $WORK/$unit.log)"; failed=1
+        fi
+    done
+    [ "$failed" = 0 ] || { log "compile-only check FAILED after $((SECONDS - START)) s"; exit 1; }
     log "compile-only check passed in $((SECONDS - START)) s"
     exit 0
 fi
