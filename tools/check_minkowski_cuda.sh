@@ -68,29 +68,36 @@ ME_SOURCE_ONLY=1 ME_BUILD_DIR="$WORK/me" PYTHON="$PYTHON" "$ROOT/tools/install_m
 SRC="$WORK/me/MinkowskiEngine-0.5.4"
 
 if [ "$MODE" = --compile-only ]; then
-    mapfile -t INCLUDES < <("$PYTHON" - "$SRC" "$CUDA_HOME" <<'EOF'
+    # torch's extension flags: its include folders, and the C++ standard its headers require
+    # (C++17 up to torch 2.13, C++20 from 2.14: ATen.h says which)
+    mapfile -t FLAGS < <("$PYTHON" - "$SRC" "$CUDA_HOME" <<'EOF'
 import sys, sysconfig
+from pathlib import Path
 from torch.utils.cpp_extension import include_paths
 src, cuda_home = sys.argv[1:]
+aten = next(Path(path, "ATen", "ATen.h") for path in include_paths("cuda") if Path(path, "ATen", "ATen.h").is_file())
+print("-std=c++20" if "C++20 or later" in aten.read_text() else "-std=c++17")
 for path in [*include_paths("cuda"), f"{cuda_home}/include", f"{src}/src", f"{src}/src/3rdparty",
              f"{cuda_home}/include/cccl", sysconfig.get_paths()["include"]]:
     print(f"-I{path}")
 EOF
 )
+    STD=${FLAGS[0]}
+    INCLUDES=("${FLAGS[@]:1}")
     DEFINES=(-DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D__CUDA_NO_HALF_OPERATORS__
              -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
     SM=${ARCH//./}
     pids=()
     for unit in coordinate_map_gpu.cu spmm.cu; do   # side by side: each nvcc uses one core
-        log "nvcc -c src/$unit (sm_$SM)"
+        log "nvcc -c src/$unit (sm_$SM, $STD)"
         "$CUDA_HOME/bin/nvcc" -c "$SRC/src/$unit" -o "$WORK/${unit%.cu}.o" "${INCLUDES[@]}" "${DEFINES[@]}" \
-            --expt-relaxed-constexpr --expt-extended-lambda -std=c++17 -O3 --compiler-options -fPIC \
+            --expt-relaxed-constexpr --expt-extended-lambda "$STD" -O3 --compiler-options -fPIC \
             -gencode "arch=compute_$SM,code=sm_$SM" > "$WORK/${unit%.cu}.log" 2>&1 &
         pids+=($!)
     done
     log "g++ -fsyntax-only src/quantization.cpp (the CUDA build's host compile)"
     failed=0
-    g++ -fsyntax-only -std=c++17 -fopenmp "${INCLUDES[@]}" "${DEFINES[@]}" "$SRC/src/quantization.cpp" || failed=1
+    g++ -fsyntax-only "$STD" -fopenmp "${INCLUDES[@]}" "${DEFINES[@]}" "$SRC/src/quantization.cpp" || failed=1
     for index in 0 1; do
         unit=$([ "$index" = 0 ] && echo coordinate_map_gpu || echo spmm)
         if ! wait "${pids[$index]}"; then
