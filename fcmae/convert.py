@@ -17,11 +17,11 @@ from torch import Tensor, nn
 
 from .atomic import atomic_folder, atomic_save
 from .checkpoint import ENCODER_PREFIX, CheckpointError, is_fcmae_state, save_safetensors
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .masking import random_masks
 from .models import TransformersLayout, create_encoder, create_model, get_model_entry, list_families, list_models
 
 FORMATS = ("official", "timm", "transformers")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -17,10 +17,9 @@ from torch import nn
 
 from .checkpoint import is_fcmae_state
 from .convert import encoder_state, encoder_to_dense
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .models import get_model_entry, list_families
 from .models.registry import StateDict
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 default_cfgs: dict[str, dict[str, Any]] = {}   # read by timm's register_model, by model name
 
