@@ -47,11 +47,16 @@ UBUNTU_USER = {"passwd": "ubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash", "gr
                "shadow": "ubuntu:!:19000:0:99999:7:::", "gshadow": "ubuntu:!::"}
 
 
-def run_steps(stage: str) -> list[str]:
-    """The shell commands of a stage's RUN instructions, continuation lines joined."""
+def stage_instructions(stage: str) -> list[str]:
+    """A stage's instructions, one line each (continuation lines joined, spaces collapsed)."""
     text = DOCKERFILE.read_text().replace("\\\n", " ")
     body = text.split(f" AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
-    return [" ".join(line[4:].split()) for line in body.splitlines() if line.startswith("RUN ")]
+    return [" ".join(line.split()) for line in body.splitlines() if line and not line.startswith("#")]
+
+
+def run_steps(stage: str) -> list[str]:
+    """The shell commands of a stage's RUN instructions."""
+    return [line[4:] for line in stage_instructions(stage) if line.startswith("RUN ")]
 
 
 def base_ubuntu() -> tuple[int, int]:
@@ -134,9 +139,8 @@ def test_the_build_stages_steps_run_here(tmp_path):
     root.mkdir()
     workdir = root
     env = {**os.environ, **args, "PATH": f"{root}/opt/venv/bin:{os.environ['PATH']}", "PIP_NO_CACHE_DIR": "1"}
-    body = text.replace("\\\n", " ").split(" AS build\n", 1)[1].split("\nFROM ", 1)[0]
     ran = []
-    for line in body.splitlines():
+    for line in stage_instructions("build"):
         instruction, _, rest = line.partition(" ")
         if instruction == "WORKDIR":
             workdir = root / rest.lstrip("/")
