@@ -283,11 +283,7 @@ def timm_filter_fn(dense: StateDict, timm_model: nn.Module) -> StateDict:
     target = timm_model.state_dict()
     timm_state: StateDict = {}
     for key, value in dense.items():
-        for pattern, replacement in _TIMM_RULES:
-            new_key = re.sub(pattern, replacement, key)
-            if new_key != key:
-                key = new_key
-                break
+        key = _first_rename(key, _TIMM_RULES) or key
         for pattern, replacement in _TIMM_BLOCK_RULES:
             key = re.sub(pattern, replacement, key)
         timm_state[key] = _reshaped_like(value, target.get(key))
@@ -316,11 +312,9 @@ def transformers_filter_fn(dense: StateDict, size: Mapping[str, Any]) -> StateDi
     parameters are (1, 1, 1, C) there."""
     state: StateDict = {}
     for key, value in dense.items():
-        for pattern, replacement in _TRANSFORMERS_RULES:
-            new_key = re.sub(pattern, replacement, key)
-            if new_key != key:
-                state[new_key] = value.reshape(1, 1, 1, -1) if ".grn." in new_key else value
-                break
+        new_key = _first_rename(key, _TRANSFORMERS_RULES)
+        if new_key is not None:
+            state[new_key] = value.reshape(1, 1, 1, -1) if ".grn." in new_key else value
     width = size["dims"][-1]
     state.setdefault("layernorm.weight", torch.ones(width))
     state.setdefault("layernorm.bias", torch.zeros(width))
@@ -336,6 +330,15 @@ def transformers_layout(model_type: str, architecture: str, **fields: Any) -> Tr
                 "hidden_sizes": list(size["dims"]), "hidden_act": "gelu", "layer_norm_eps": 1e-6,
                 "drop_path_rate": 0.0, **fields}
     return TransformersLayout(config=config, filter_fn=transformers_filter_fn)
+
+
+def _first_rename(key: str, rules: tuple[tuple[str, str], ...]) -> str | None:
+    """``key`` renamed by the first of ``rules`` (pattern, replacement) that changes it; None if none does."""
+    for pattern, replacement in rules:
+        new_key = re.sub(pattern, replacement, key)
+        if new_key != key:
+            return new_key
+    return None
 
 
 def _reshaped_like(value: Tensor, reference: Tensor | None) -> Tensor:
